@@ -1,0 +1,5 @@
+import sys
+
+from clipsift.cli import main
+
+sys.exit(main())

@@ -1,0 +1,127 @@
+"""DataComp / img2dataset formats, defined once and used by every stage (the world included).
+
+- uids: 32-char lowercase hex (128 bit). Subset files hold them as np.dtype("u8,u8"), sorted,
+  f0 = int(uid[:16], 16), f1 = int(uid[16:], 16); a repeated uid means "use it that many times".
+- shards: {shard:08d}.tar with <key>.jpg/.txt/.json members, {shard:08d}_stats.json and
+  {shard:08d}.parquet (status table); the key is 12 digits, shard * 10**4 + row.
+- metadata: one parquet per chunk with METADATA_COLUMNS (+ score columns) and a row-aligned .npz
+  of float16 embeddings with the same stem.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+SUBSET_DTYPE = np.dtype("u8,u8")
+SAMPLES_PER_SHARD = 10_000
+_UID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+# The DataComp pool metadata columns (scores are added by the pipeline).
+METADATA_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("url", pa.string()),
+        ("text", pa.string()),
+        ("original_width", pa.int64()),
+        ("original_height", pa.int64()),
+        ("face_bboxes", pa.list_(pa.list_(pa.float64()))),
+        ("sha256", pa.string()),
+    ]
+)
+METADATA_COLUMNS = METADATA_SCHEMA.names
+SCORE_TYPE = pa.float32()  # every score column, e.g. clip_b32_similarity_score
+
+
+class FormatError(ValueError):
+    """Input that does not follow the DataComp / img2dataset conventions."""
+
+
+# ---------------------------------------------------------------- uids
+def is_uid(uid: str) -> bool:
+    return isinstance(uid, str) and _UID_RE.match(uid) is not None
+
+
+def random_uids(rng: np.random.Generator, n: int) -> list[str]:
+    """n distinct 128-bit hex uids drawn from rng (deterministic given its state)."""
+    raw = rng.bytes(16 * n)
+    uids = [raw[16 * i : 16 * (i + 1)].hex() for i in range(n)]
+    if len(set(uids)) != n:  # 2^-100 odds; fail loudly rather than emit a duplicate
+        raise RuntimeError("uid collision; use another seed")
+    return uids
+
+
+def uids_to_u8u8(uids: Iterable[str]) -> np.ndarray:
+    """Hex uids -> structured u8,u8 array (unsorted, same order)."""
+    uids = list(uids)
+    out = np.empty(len(uids), dtype=SUBSET_DTYPE)
+    for i, uid in enumerate(uids):
+        if not is_uid(uid):
+            raise FormatError(f"uid #{i} {uid!r} is not 32 lowercase hex characters")
+        out[i] = (int(uid[:16], 16), int(uid[16:], 16))
+    return out
+
+
+def u8u8_to_uids(arr: np.ndarray) -> list[str]:
+    return [f"{int(a):016x}{int(b):016x}" for a, b in zip(arr["f0"], arr["f1"])]
+
+
+def write_subset(path: str | Path, uids: Iterable[str]) -> np.ndarray:
+    """Write a DataComp subset file: sorted u8,u8 uids, repeats kept. Returns the array."""
+    from clipsift.runlog import atomic_path
+
+    arr = np.sort(uids_to_u8u8(uids), order=["f0", "f1"])
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+    return arr
+
+
+def read_subset(path: str | Path) -> np.ndarray:
+    """Read and validate a subset file from any tool (dtype u8,u8, sorted)."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise FormatError(f"{path}: not a plain .npy subset file ({e})") from None
+    if arr.dtype != SUBSET_DTYPE:
+        raise FormatError(f"{path}: dtype {arr.dtype} is not DataComp's u8,u8 ({SUBSET_DTYPE})")
+    if arr.ndim != 1:
+        raise FormatError(f"{path}: expected a 1-D array, got shape {arr.shape}")
+    key = arr["f0"].astype(np.uint64), arr["f1"].astype(np.uint64)
+    bad = np.flatnonzero((key[0][1:] < key[0][:-1]) | ((key[0][1:] == key[0][:-1]) & (key[1][1:] < key[1][:-1])))
+    if bad.size:
+        raise FormatError(f"{path}: uids are not sorted (first out of order at index {bad[0] + 1})")
+    return arr
+
+
+# ---------------------------------------------------------------- shard names
+def shard_name(shard: int) -> str:
+    return f"{shard:08d}.tar"
+
+
+def stats_name(shard: int) -> str:
+    return f"{shard:08d}_stats.json"
+
+
+def status_name(shard: int) -> str:
+    return f"{shard:08d}.parquet"
+
+
+def sample_key(shard: int, row: int) -> str:
+    return f"{shard:08d}{row:04d}"
+
+
+def shard_index(path: str | Path) -> int:
+    """00000012.tar -> 12, with a clear error for names outside the convention."""
+    stem = Path(path).name.split(".")[0]
+    if not stem.isdigit():
+        raise FormatError(f"{path}: shard names are {{:08d}}.tar")
+    return int(stem)
+
+
+def list_shards(folder: str | Path) -> list[Path]:
+    shards = sorted(p for p in Path(folder).glob("*.tar") if p.stem.isdigit())
+    return shards

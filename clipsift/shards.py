@@ -1,0 +1,192 @@
+"""Reading and writing img2dataset-layout webdataset shards, one implementation for every stage.
+
+ShardWriter writes byte-reproducible shards (fixed tar headers, no timestamps) with their
+_stats.json and status parquet. read_shard() walks a shard and yields either a valid Sample or a
+Skip with a reason, so a caller can count every sample it could not use; it never raises on bad
+content. A shard that cannot be opened at all yields a single Skip for the whole shard.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipsift import formats
+from clipsift.runlog import atomic_path, write_json
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+# Skip reasons, named once so stats from every stage use the same words.
+MISSING_IMAGE = "missing_image"
+MISSING_TEXT = "missing_text"
+MISSING_JSON = "missing_json"
+BAD_JSON = "malformed_json"
+NO_UID = "json_without_uid"
+BAD_TEXT = "non_utf8_caption"
+DUPLICATE_KEY = "duplicate_key"
+TRUNCATED_TAR = "truncated_tar"
+UNREADABLE_SHARD = "unreadable_shard"
+CORRUPT_IMAGE = "corrupt_image"
+
+
+@dataclass
+class Sample:
+    key: str
+    uid: str
+    image: bytes  # encoded, undecoded
+    text: str
+    meta: dict[str, Any]
+
+
+@dataclass
+class Skip:
+    key: str
+    reason: str
+    detail: str = ""
+    uid: str | None = None
+
+
+Record = Union[Sample, Skip]
+
+
+class ShardWriter:
+    """Writes one {:08d}.tar plus {:08d}_stats.json and {:08d}.parquet, atomically.
+
+    Use as a context manager; nothing appears under the final names unless the block succeeds.
+    `add_raw` writes members verbatim (the world uses it to plant corrupt samples).
+    """
+
+    def __init__(self, folder: str | Path, shard: int):
+        self.folder = Path(folder)
+        self.shard = shard
+        self.tar_path = self.folder / formats.shard_name(shard)
+        self._status: list[dict[str, Any]] = []
+        self._buf = io.BytesIO()
+        self._tar: tarfile.TarFile | None = None
+
+    def __enter__(self) -> "ShardWriter":
+        self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.USTAR_FORMAT)
+        return self
+
+    def add(self, key: str, image: bytes, text: str, meta: dict[str, Any], ext: str = "jpg") -> None:
+        meta = {**meta, "key": key}
+        self.add_raw(key, {ext: image, "txt": text.encode("utf-8"), "json": _dump_json(meta)}, status=meta)
+
+    def add_raw(self, key: str, members: dict[str, bytes], status: dict[str, Any]) -> None:
+        assert self._tar is not None, "use ShardWriter as a context manager"
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self._status.append({**status, "key": key})
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        if exc_type is not None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / formats.status_name(self.shard)) as tmp:
+            pq.write_table(_status_table(self._status), tmp)
+        ok = sum(1 for s in self._status if s.get("status") == "success")
+        write_json(
+            self.folder / formats.stats_name(self.shard),
+            {"count": len(self._status), "successes": ok, "failed_to_download": len(self._status) - ok,
+             "failed_to_resize": 0, "status_dict": {"success": ok}},
+        )
+        # The tar last: a tar on disk means its sidecar files are there too.
+        with atomic_path(self.tar_path) as tmp:
+            tmp.write_bytes(self._buf.getvalue())
+
+
+def read_shard(path: str | Path) -> Iterator[Record]:
+    """Yield a Sample or a Skip for every key in the shard, in tar order."""
+    path = Path(path)
+    seen: set[str] = set()
+    group_key: str | None = None
+    members: dict[str, bytes] = {}
+    try:
+        tar = tarfile.open(path, mode="r|*")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        yield Skip(key=path.name, reason=UNREADABLE_SHARD, detail=str(e))
+        return
+    try:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, _, ext = Path(info.name).name.partition(".")
+            data = tar.extractfile(info).read()  # type: ignore[union-attr]
+            if key != group_key:
+                if group_key is not None:
+                    yield _finish(group_key, members, seen)
+                group_key, members = key, {}
+            if ext in members:  # same key and member twice inside one group
+                members["__dup__"] = b""
+            members[ext.lower()] = data
+    except (tarfile.TarError, OSError, EOFError) as e:
+        # The group being read when the tar ended is lost: report it, and say the tar was cut.
+        yield Skip(key=group_key or path.name, reason=TRUNCATED_TAR, detail=str(e))
+        group_key = None
+    finally:
+        tar.close()
+    if group_key is not None:
+        yield _finish(group_key, members, seen)
+
+
+def _finish(key: str, members: dict[str, bytes], seen: set[str]) -> Record:
+    if key in seen or "__dup__" in members:
+        return Skip(key, DUPLICATE_KEY)
+    seen.add(key)
+    image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+    if image is None:
+        return Skip(key, MISSING_IMAGE)
+    if "json" not in members:
+        return Skip(key, MISSING_JSON)
+    try:
+        meta = json.loads(members["json"].decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        return Skip(key, BAD_JSON, str(e)[:200])
+    uid = meta.get("uid")
+    if not formats.is_uid(uid):
+        return Skip(key, NO_UID, f"uid={uid!r}"[:200])
+    if "txt" not in members:
+        return Skip(key, MISSING_TEXT, uid=uid)
+    try:
+        text = members["txt"].decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Skip(key, BAD_TEXT, str(e)[:200], uid=uid)
+    return Sample(key=key, uid=uid, image=image, text=text, meta=meta)
+
+
+def read_stats(folder: str | Path, shard: int) -> dict[str, Any] | None:
+    path = Path(folder) / formats.stats_name(shard)
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _dump_json(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, sort_keys=True).encode("utf-8")
+
+
+_STATUS_SCHEMA = pa.schema(
+    [("key", pa.string()), ("uid", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+     ("status", pa.string()), ("error_message", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+     ("original_width", pa.int64()), ("original_height", pa.int64()), ("sha256", pa.string())]
+)
+
+
+def _status_table(rows: list[dict[str, Any]]) -> pa.Table:
+    cols = {name: [r.get(name) for r in rows] for name in _STATUS_SCHEMA.names}
+    return pa.table(cols, schema=_STATUS_SCHEMA)
