@@ -109,6 +109,18 @@ class ShardWriter:
 
 def read_shard(path: str | Path) -> Iterator[Record]:
     """Yield a Sample or a Skip for every key in the shard, in tar order."""
+    for group in iter_groups(path):
+        yield group if isinstance(group, Skip) else _finish(*group)
+
+
+def iter_groups(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]] | Skip]:
+    """Walk any webdataset tar: yield (key, {ext: bytes}) per sample key in tar order, or a Skip.
+
+    Skips: a key seen twice (duplicate_key), the group being read when the tar ended early
+    (truncated_tar), or the whole tar when it cannot be opened (unreadable_shard). Callers that
+    know the layout (read_shard for img2dataset shards, eval for clip_benchmark task shards)
+    check the members themselves.
+    """
     path = Path(path)
     seen: set[str] = set()
     group_key: str | None = None
@@ -126,7 +138,7 @@ def read_shard(path: str | Path) -> Iterator[Record]:
             data = tar.extractfile(info).read()  # type: ignore[union-attr]
             if key != group_key:
                 if group_key is not None:
-                    yield _finish(group_key, members, seen)
+                    yield _group(group_key, members, seen)
                 group_key, members = key, {}
             if ext in members:  # same key and member twice inside one group
                 members["__dup__"] = b""
@@ -138,13 +150,17 @@ def read_shard(path: str | Path) -> Iterator[Record]:
     finally:
         tar.close()
     if group_key is not None:
-        yield _finish(group_key, members, seen)
+        yield _group(group_key, members, seen)
 
 
-def _finish(key: str, members: dict[str, bytes], seen: set[str]) -> Record:
+def _group(key: str, members: dict[str, bytes], seen: set[str]) -> tuple[str, dict[str, bytes]] | Skip:
     if key in seen or "__dup__" in members:
         return Skip(key, DUPLICATE_KEY)
     seen.add(key)
+    return key, members
+
+
+def _finish(key: str, members: dict[str, bytes]) -> Record:
     image = next((members[e] for e in IMAGE_EXTS if e in members), None)
     if image is None:
         return Skip(key, MISSING_IMAGE)
