@@ -20,6 +20,7 @@ from clipsift import config
 # name -> (module, one-line summary). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("clipsift.world.cli", "generate the embedded synthetic benchmark world (pool, tasks, ground truth)"),
+    "eval": ("clipsift.eval.cli", "zero-shot evaluation of a CLIP on a DataComp-style task list"),
 }
 
 

@@ -62,8 +62,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as e:  # a required field without default
-        raise ConfigError(f"{cls.__name__}: {e}") from None
+    except (TypeError, ValueError) as e:  # a missing required field, or a check in __post_init__
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -81,11 +81,7 @@ class ShardWriter:
     def add_raw(self, key: str, members: dict[str, bytes], status: dict[str, Any]) -> None:
         assert self._tar is not None, "use ShardWriter as a context manager"
         for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+            add_member(self._tar, f"{key}.{ext}", data)
         self._status.append({**status, "key": key})
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -105,6 +101,25 @@ class ShardWriter:
         # The tar last: a tar on disk means its sidecar files are there too.
         with atomic_path(self.tar_path) as tmp:
             tmp.write_bytes(self._buf.getvalue())
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add a file with fixed header fields (no mtime, owner) so tars are byte-reproducible."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: str | Path, members: list[tuple[str, bytes]]) -> None:
+    """A plain reproducible tar (for eval-task shards, which have no img2dataset sidecars)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            add_member(tar, name, data)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 def read_shard(path: str | Path) -> Iterator[Record]:
