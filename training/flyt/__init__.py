@@ -1,0 +1,1 @@
+"""FLYT learned scorer and M-FLYT score mixing: scorers trained against downstream hypergradients."""
