@@ -81,20 +81,66 @@ def write_subset(path: str | Path, uids: Iterable[str]) -> np.ndarray:
 
 
 def read_subset(path: str | Path) -> np.ndarray:
-    """Read and validate a subset file from any tool (dtype u8,u8, sorted)."""
+    """Read and validate a subset file from any tool (a .npy of dtype u8,u8, 1-D, sorted).
+
+    Errors say what the file is instead and how to convert it (`clipsift subset`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: subset file does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        hint = " (a text file of hex uids? convert it: clipsift subset action=from_text)" if _looks_like_text(path) else ""
+        raise FormatError(f"{path}: not a .npy file{hint}")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
         raise FormatError(f"{path}: not a plain .npy subset file ({e})") from None
     if arr.dtype != SUBSET_DTYPE:
-        raise FormatError(f"{path}: dtype {arr.dtype} is not DataComp's u8,u8 ({SUBSET_DTYPE})")
+        raise FormatError(f"{path}: dtype {arr.dtype} is not DataComp's u8,u8 ({SUBSET_DTYPE}){_dtype_hint(arr)}")
     if arr.ndim != 1:
         raise FormatError(f"{path}: expected a 1-D array, got shape {arr.shape}")
     key = arr["f0"].astype(np.uint64), arr["f1"].astype(np.uint64)
     bad = np.flatnonzero((key[0][1:] < key[0][:-1]) | ((key[0][1:] == key[0][:-1]) & (key[1][1:] < key[1][:-1])))
     if bad.size:
-        raise FormatError(f"{path}: uids are not sorted (first out of order at index {bad[0] + 1})")
+        raise FormatError(f"{path}: uids are not sorted (first out of order at index {bad[0] + 1}); "
+                          f"DataComp subsets are sorted by (f0, f1): np.sort(arr, order=['f0', 'f1'])")
     return arr
+
+
+def _looks_like_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(64)
+    return bool(head) and all(c in b"0123456789abcdefABCDEF\r\n \t" for c in head)
+
+
+def _dtype_hint(arr: np.ndarray) -> str:
+    dt = arr.dtype
+    if dt.kind in "US":
+        return "; it holds strings: convert hex uids with clipsift subset action=from_text"
+    if dt.kind == "O":
+        return "; it holds Python objects"
+    if dt.names and len(dt.names) == 2 and all(dt[n].kind == "u" and dt[n].itemsize == 8 for n in dt.names):
+        return (f"; two uint64 fields {dt.names} in {'big' if dt[0].byteorder == '>' else 'another'} layout: "
+                f"rebuild with names f0, f1 little-endian (np.dtype('u8,u8'))")
+    if dt == np.uint64 and arr.ndim == 2 and arr.shape[1] == 2:
+        return "; an (N, 2) uint64 array: np.ascontiguousarray(arr).view('u8,u8').ravel() gives DataComp's layout"
+    return ""
+
+
+def read_uid_text(path: str | Path) -> list[str]:
+    """Hex uids from a text file, one per line (blank lines ignored); a bad line is an error naming it."""
+    uids = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            uid = line.strip()
+            if not uid:
+                continue
+            if not is_uid(uid):
+                raise FormatError(f"{path}:{n}: {uid[:60]!r} is not a uid (32 lowercase hex characters)")
+            uids.append(uid)
+    return uids
 
 
 # ---------------------------------------------------------------- shard names

@@ -1,0 +1,273 @@
+"""DataComp's metadata baselines as filters: no_filter, english, basic, clip_score, laion2b, text_based.
+
+Semantics follow DataComp's baselines (datacomp.md): basic = English top-1 AND len(text.split()) > 2
+AND len(text) > 5 AND min(w, h) >= 200 AND max/min aspect <= 3; clip_score keeps score >= threshold,
+where a pool fraction f sets the threshold to the score at rank int(N * f) of the descending pool
+scores (ties kept, so slightly more than N * f rows may pass); laion2b = English AND B/32 >= 0.28;
+text_based = English AND a caption token names a downstream concept.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from clipsift import config
+from clipsift.filters.base import Batch, Filter, FilterError, Needs, Pool, Verdict, register
+
+SCORE_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
+
+
+# ---------------------------------------------------------------- caption and size rules
+def texts(batch: Batch) -> list[str]:
+    return ["" if t is None else t for t in batch.column("text")]
+
+
+def has_text(batch: Batch) -> np.ndarray:
+    return np.fromiter((t is not None for t in batch.column("text")), dtype=bool, count=len(batch))
+
+
+def word_counts(batch: Batch) -> np.ndarray:
+    return batch.derived("words", lambda: np.fromiter((len(t.split()) for t in texts(batch)), dtype=np.int64,
+                                                      count=len(batch)))
+
+
+def char_counts(batch: Batch) -> np.ndarray:
+    return batch.derived("chars", lambda: np.fromiter((len(t) for t in texts(batch)), dtype=np.int64,
+                                                      count=len(batch)))
+
+
+def caption_rules(filt: Filter, batch: Batch, min_words: int, min_chars: int, english: bool) -> list[tuple[str, Any]]:
+    rules: list[tuple[str, Any]] = [("missing_text", has_text(batch)),
+                                    ("too_few_words", word_counts(batch) >= min_words),
+                                    ("too_short", char_counts(batch) >= min_chars)]
+    if english:
+        rules.append(("not_english", filt.ctx.lang.english(batch)))
+    return rules
+
+
+def size_rules(batch: Batch, min_side: int, max_aspect: float) -> list[tuple[str, Any]]:
+    w = batch.column("original_width").astype(np.float64)
+    h = batch.column("original_height").astype(np.float64)
+    lo, hi = np.minimum(w, h), np.maximum(w, h)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        aspect = hi / lo
+    return [("missing_size", ~(np.isnan(w) | np.isnan(h))), ("small_image", lo >= min_side),
+            ("extreme_aspect", aspect <= max_aspect)]
+
+
+@register("no_filter")
+@dataclass
+class NoFilter(Filter):
+    """Every uid of the pool."""
+
+    def apply(self, batch: Batch) -> Verdict:
+        return Verdict.from_rules(len(batch), [])
+
+
+@register("english")
+@dataclass
+class English(Filter):
+    """Top-1 language of the caption is English."""
+
+    def needs(self) -> Needs:
+        return Needs(frozenset({"text"}))
+
+    def apply(self, batch: Batch) -> Verdict:
+        return Verdict.from_rules(len(batch), [("missing_text", has_text(batch)),
+                                               ("not_english", self.ctx.lang.english(batch))])
+
+
+@register("basic")
+@dataclass
+class Basic(Filter):
+    """DataComp basic filtering; the defaults are DataComp's constants (> 2 words is min_words 3)."""
+
+    min_words: int = 3
+    min_chars: int = 6
+    min_side: int = 200
+    max_aspect: float = 3.0
+    english: bool = True
+
+    def needs(self) -> Needs:
+        return Needs(frozenset({"text", "original_width", "original_height"}))
+
+    def apply(self, batch: Batch) -> Verdict:
+        rules = caption_rules(self, batch, self.min_words, self.min_chars, self.english)
+        return Verdict.from_rules(len(batch), rules + size_rules(batch, self.min_side, self.max_aspect))
+
+
+# ---------------------------------------------------------------- score thresholds
+def fraction_threshold(scores: np.ndarray, fraction: float) -> float:
+    """DataComp's pool threshold: the score at rank int(N * fraction) in descending order.
+
+    Missing (NaN) scores rank last. Every row with score >= threshold is kept, ties included.
+    """
+    s = np.where(np.isnan(scores), -np.inf, scores.astype(np.float64))
+    if len(s) == 0:
+        raise FilterError("cannot take a pool fraction of an empty pool")
+    rank = min(int(len(s) * fraction), len(s) - 1)  # fraction 1.0 keeps the whole pool
+    return float(-np.partition(-s, rank)[rank])
+
+
+def check_cut(threshold: float | None, fraction: float | None, what: str, required: bool = True) -> None:
+    if threshold is not None and fraction is not None:
+        raise config.ConfigError(f"{what}: give threshold or fraction, not both")
+    if required and threshold is None and fraction is None:
+        raise config.ConfigError(f"{what}: needs a threshold or a pool fraction")
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise config.ConfigError(f"{what}: fraction must be in (0, 1], got {fraction}")
+
+
+def cut_report(scores: np.ndarray, threshold: float, fraction: float | None) -> dict[str, Any]:
+    finite = scores[~np.isnan(scores)]
+    report: dict[str, Any] = {"threshold": threshold, "pool_rows": int(len(scores)),
+                              "missing_scores": int(len(scores) - len(finite))}
+    if fraction is not None:
+        report.update(fraction=fraction, rank=min(int(len(scores) * fraction), len(scores) - 1),
+                      ties_at_threshold=int((finite == np.float32(threshold)).sum()))
+    report["passing"] = int((finite >= threshold).sum())
+    return report
+
+
+@register("clip_score")
+@dataclass
+class ClipScore(Filter):
+    """Keep rows whose score column is >= threshold (fixed, or set by a pool fraction)."""
+
+    column: str = "clip_l14_similarity_score"  # also "b32" / "l14" for DataComp's two CLIP scores
+    threshold: float | None = None
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        self.column = SCORE_COLUMNS.get(self.column, self.column)
+        check_cut(self.threshold, self.fraction, "clip_score")
+
+    def needs(self) -> Needs:
+        return Needs(frozenset({self.column}))
+
+    def fit(self, pool: Pool) -> dict[str, Any]:
+        scores = np.concatenate([b.column(self.column).astype(np.float32)
+                                 for b in pool.batches({self.column}, set(), self.ctx.batch_size)])
+        self._threshold = self.threshold if self.fraction is None else fraction_threshold(scores, self.fraction)
+        return {"column": self.column, **cut_report(scores, self._threshold, self.fraction)}
+
+    def apply(self, batch: Batch) -> Verdict:
+        s = batch.column(self.column).astype(np.float32)
+        return Verdict.from_rules(len(batch), [("missing_score", ~np.isnan(s)),
+                                               ("low_score", s >= np.float32(self._threshold))])
+
+
+@register("laion2b")
+@dataclass
+class Laion2b(Filter):
+    """LAION-2B's rule as DataComp reproduces it: English AND B/32 CLIP score >= 0.28.
+
+    (LAION and DataComp used cld3 for the language; here it is the configured identifier.)
+    """
+
+    column: str = "clip_b32_similarity_score"
+    threshold: float = 0.28
+
+    def needs(self) -> Needs:
+        return Needs(frozenset({"text", self.column}))
+
+    def apply(self, batch: Batch) -> Verdict:
+        s = batch.column(self.column).astype(np.float32)
+        return Verdict.from_rules(len(batch), [
+            ("missing_text", has_text(batch)), ("not_english", self.ctx.lang.english(batch)),
+            ("missing_score", ~np.isnan(s)), ("low_score", s >= np.float32(self.threshold))])
+
+
+# ---------------------------------------------------------------- text_based
+_PUNCT = re.compile(r"^[^\w]+|[^\w]+$")
+
+
+def normalise_token(token: str) -> str:
+    return _PUNCT.sub("", token.lower())
+
+
+def load_concepts(path: str | Path) -> list[str]:
+    """Downstream concept names: a text file (one per line, # comments) or a world folder.
+
+    For a world folder (with tasks.yaml) the concepts are the class names of its classification
+    tasks' classnames.txt. DataComp instead matches WordNet synsets of ImageNet-21k classes, which
+    are not available offline.
+    """
+    path = Path(path)
+    if path.is_dir():
+        tasks_yaml = path / "tasks.yaml"
+        if not tasks_yaml.is_file():
+            raise FilterError(f"{path}: a concepts folder must be a world folder with tasks.yaml")
+        with open(tasks_yaml) as f:
+            tasks = yaml.safe_load(f) or []
+        tasks = tasks.get("tasks", tasks) if isinstance(tasks, dict) else tasks
+        names: list[str] = []
+        for task in tasks:
+            if task.get("type") == "classification":
+                names += (path / task["path"] / "classnames.txt").read_text().splitlines()
+    elif path.is_file():
+        names = path.read_text().splitlines()
+    else:
+        raise FilterError(f"concept list {path} does not exist")
+    concepts = sorted({" ".join(normalise_token(t) for t in n.split()) for n in names
+                       if n.strip() and not n.lstrip().startswith("#")} - {""})
+    if not concepts:
+        raise FilterError(f"{path}: no concept names found")
+    return concepts
+
+
+def _variants(token: str) -> tuple[str, ...]:
+    # A light stand-in for WordNet's lemmatiser: plural -s / -es forms also match.
+    out = [token]
+    if token.endswith("es") and len(token) > 3:
+        out.append(token[:-2])
+    if token.endswith("s") and len(token) > 2:
+        out.append(token[:-1])
+    return tuple(out)
+
+
+@register("text_based")
+@dataclass
+class TextBased(Filter):
+    """English captions with a whitespace token (or run of tokens) naming a downstream concept."""
+
+    concepts_file: str = ""  # overrides downstream.concepts of the run config
+    english: bool = True
+
+    def setup(self, ctx, name) -> None:  # type: ignore[override]
+        super().setup(ctx, name)
+        concepts = load_concepts(self.concepts_file) if self.concepts_file else ctx.concepts
+        if not concepts:
+            raise FilterError("text_based needs concept names: set downstream.concepts (a file, or a world folder) "
+                              "or the filter's concepts_file")
+        self._concepts = set(concepts)
+        self._max_len = max(len(c.split()) for c in concepts)
+
+    def needs(self) -> Needs:
+        return Needs(frozenset({"text"}))
+
+    def names_concept(self, text: str) -> bool:
+        tokens = [normalise_token(t) for t in text.split()]
+        for n in range(1, self._max_len + 1):
+            for i in range(len(tokens) - n + 1):
+                head = " ".join(tokens[i:i + n - 1])
+                for last in _variants(tokens[i + n - 1]):
+                    if (f"{head} {last}" if head else last) in self._concepts:
+                        return True
+        return False
+
+    def apply(self, batch: Batch) -> Verdict:
+        rules: list[tuple[str, Any]] = [("missing_text", has_text(batch))]
+        if self.english:
+            rules.append(("not_english", self.ctx.lang.english(batch)))
+        rules.append(("no_concept", np.fromiter((self.names_concept(t) for t in texts(batch)), dtype=bool,
+                                                count=len(batch))))
+        return Verdict.from_rules(len(batch), rules)
+
+    def fit(self, pool: Pool) -> dict[str, Any]:
+        return {"concepts": len(self._concepts)}

@@ -1,0 +1,28 @@
+"""`clipsift reshard`: pool shards + a subset file -> new img2dataset shards of just that subset.
+
+    clipsift reshard shards=WORLD/pool/shards subset=RUN/subset.npy out=RUN/shards
+
+Each subset uid is written once per repeat (keys f"{uid}-{j}"), in input order, into shards of
+samples_per_shard (default 10,000) with their _stats.json, plus sample_ids.npy, meta.json,
+stats.json and config.yaml. Parallel over shards (workers=N) and resumable: rerun the same
+command after an interruption. Input shards without a stats file, or unreadable, stop the run
+unless on_missing_stats=skip / on_unreadable_shard=skip (skips are listed in meta.json).
+"""
+from __future__ import annotations
+
+import argparse
+
+from clipsift.filters.reshard import ReshardConfig, ReshardError, reshard
+
+GROUP = "reshard"
+HELP = __doc__
+CONFIG = ReshardConfig
+
+
+def main(cfg: ReshardConfig, args: argparse.Namespace) -> int:
+    try:
+        reshard(cfg)
+    except ReshardError as e:
+        print(f"error: {e}")
+        return 1
+    return 0
