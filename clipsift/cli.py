@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "filter": ("clipsift.filters.filter_cli", "DataComp baselines, SemDeDup, NormSim over pool metadata -> a subset file"),
     "subset": ("clipsift.filters.subset_cli", "inspect, validate and convert DataComp subset files (.npy <-> hex uids)"),
     "reshard": ("clipsift.filters.reshard_cli", "pool shards + a subset -> new shards of just that subset (repeats kept)"),
+    "sample": ("clipsift.filters.sample_cli", "one score column -> a subset: Soft Cap Sampling, hard cap, top fraction, threshold"),
 }
 
 
