@@ -8,6 +8,7 @@ English?" (basic, laion2b, text_based, image_based) identify each caption once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -28,9 +29,7 @@ class LanguageId:
         if self.cfg.backend == "fasttext":
             self._model = _load_fasttext(self.cfg.fasttext_model)
         else:
-            from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-            self._model = LanguageIdentifier.from_model_file(MODEL_FILE)
+            self._model = _py3langid_model()
 
     @property
     def name(self) -> str:
@@ -53,6 +52,13 @@ class LanguageId:
         """Boolean mask: top-1 language of the caption is English (computed once per batch)."""
         langs = batch.derived(("lang", self.name), lambda: self.predict(batch.column("text")))
         return langs == "en"
+
+
+@lru_cache(maxsize=1)
+def _py3langid_model():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE)  # ~2 s to load: once per process
 
 
 def _load_fasttext(path: str):
