@@ -228,10 +228,11 @@ def reshard(cfg: ReshardConfig, log=print) -> dict[str, Any]:
         "output_shard_count": n_out, "samples_per_shard": cfg.samples_per_shard,
         "written_samples": len(plan), "unique_uids_written": len(seen_uids),
         "subset_rows": int(len(subset)), "subset_unique_uids": int(len(sub_uids)),
-        "subset_uids_not_found": int(len(not_found)), "output_shards_written_this_run": len(jobs),
+        "subset_uids_not_found": int(len(not_found)),
     }
     write_json(out / "meta.json", meta)
-    stats = {"counts": counts.as_dict(), "meta": meta, "seconds": timer.as_dict(), "config": asdict(cfg)}
+    stats = {"counts": counts.as_dict(), "meta": meta, "seconds": timer.as_dict(), "config": asdict(cfg),
+             "output_shards_written_this_run": len(jobs), "input_shards_scanned_this_run": len(todo)}
     write_json(out / "stats.json", stats)
     log(f"wrote {len(plan)} samples ({len(seen_uids)} uids) into {n_out} shards in {out}")
     return stats
