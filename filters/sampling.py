@@ -134,8 +134,8 @@ def hard_cap_sample(scores: np.ndarray, total: int | None = None, *, cap: int,
     weights = np.exp(scores.astype(np.float64) - (scores.max() if n else 0.0))
     positive = int(np.count_nonzero(weights))
     if total > cap * positive:
-        raise ValueError(f"cannot keep {total} draws with at most {cap} per example from {positive} "
-                         f"examples of non-zero probability")
+        raise ValueError(f"hard cap sampling cannot keep {total} draws with cap={cap} per example: only "
+                         f"{positive} examples have non-zero probability (at most {cap * positive} draws)")
     rng = _rng(seed)
     counts = np.zeros(n, dtype=np.int32)
     left = total

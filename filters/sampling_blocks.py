@@ -141,10 +141,11 @@ class BlockPool:
         need, rejected = b, np.empty(0, dtype=np.int64)
         while need:
             new, rejected = self._draw_new(need, rng, taken)
-            taken.append(new)
+            if new.size:
+                taken.append(new)
             need -= len(new)
             if need and self.accept_rate < _REFRESH_MID_ROUND:
-                self._refresh(rejected, np.concatenate(taken))
+                self._refresh(rejected, np.concatenate(taken) if taken else rejected[:0])
                 self._build_guide()
                 tightened.append(rejected)
         drawn = np.sort(np.concatenate(taken)) if len(taken) > 1 else taken[0] if taken else rejected
@@ -165,11 +166,11 @@ class BlockPool:
         Draws are generated in sorted order of their uniforms (memory is then walked in order);
         the i.i.d. sequence order is a uniformly random permutation independent of the values,
         so it is drawn only when it matters: when the batch found more than `need` new items.
-        The first batch of a round aims just short of `need` (so it rarely needs that order);
-        later batches over-draw so that they usually complete the round.
+        The first batch of a large round aims just short of `need` (so it rarely needs that
+        order); other batches over-draw so that they usually complete the round.
         """
-        first = not taken
         slack = 3.0 * math.sqrt(need) + 8
+        first = not taken and need > 4 * slack  # small rounds: just over-draw
         aim = need - slack - 0.005 * need if first else need * 1.02 + slack
         r = max(16, min(int(math.ceil(aim / self.yield_rate[not first])), 16 * need + 4096))
         u = rng.random(r)
