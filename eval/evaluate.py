@@ -61,9 +61,9 @@ def evaluate(model: ModelSpec, tasks: str | Path, out: str | Path, **options: An
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
     if not cfg.tasks or not cfg.out:
-        raise ValueError("eval needs tasks=<tasks.yaml> and out=<folder>")
+        raise config.ConfigError("eval needs tasks=<tasks.yaml> and out=<folder>")
     if cfg.batch_size < 1 or cfg.num_workers < 0:
-        raise ValueError(f"batch_size must be >= 1 and num_workers >= 0 (got {cfg.batch_size}, {cfg.num_workers})")
+        raise config.ConfigError(f"batch_size must be >= 1 and num_workers >= 0 (got {cfg.batch_size}, {cfg.num_workers})")
     out = Path(cfg.out)
     timer = Timer()
     device = resolve_device(cfg.device)

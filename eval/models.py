@@ -37,6 +37,10 @@ class ModelSpec:
     pretrained: str = ""  # "" (random init), an open_clip tag, "hf-hub:org/repo", a checkpoint or a run folder
 
 
+class ModelError(ValueError):
+    """An architecture open_clip does not know, or a `pretrained` that names no weights."""
+
+
 class LoadedModel(NamedTuple):
     model: torch.nn.Module
     preprocess: Callable[[Any], torch.Tensor]  # PIL image -> (3, H, W) tensor, the eval transform
@@ -60,7 +64,7 @@ def ensure_arch(arch: str) -> None:
     if folder.is_dir():
         open_clip.add_model_config(folder)
     if arch not in open_clip.list_models():
-        raise ValueError(f"unknown model architecture {arch!r}: not an open_clip model and not in {folder}")
+        raise ModelError(f"unknown model architecture {arch!r}: not an open_clip model and not in {folder}")
 
 
 def resolve_pretrained(arch: str, pretrained: str) -> str:
@@ -82,7 +86,7 @@ def resolve_pretrained(arch: str, pretrained: str) -> str:
     if path.suffix in _CHECKPOINT_SUFFIXES or "/" in pretrained:
         raise FileNotFoundError(f"checkpoint {pretrained} does not exist")
     tags = open_clip.list_pretrained_tags_by_model(arch)
-    raise ValueError(f"pretrained {pretrained!r} is neither a file, a run folder, 'hf-hub:...', nor a tag of "
+    raise ModelError(f"pretrained {pretrained!r} is neither a file, a run folder, 'hf-hub:...', nor a tag of "
                      f"{arch} (tags: {', '.join(tags) or 'none'})")
 
 

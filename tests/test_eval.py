@@ -19,6 +19,7 @@ from clipsift import cli
 from clipsift.eval import ModelSpec, evaluate, load_model
 from clipsift.eval import metrics as M
 from clipsift.eval.data import TaskShards, task_loader
+from clipsift.eval.models import ModelError
 from clipsift.eval.results import RESULTS_FILE, SUMMARY_FILE, read_results
 from clipsift.eval.tasks import TaskError, load_tasks
 
@@ -291,6 +292,13 @@ def test_bad_task_lists_and_folders_fail_with_a_clear_error(tmp_path):
         task.check_dataset_type()
 
 
+def test_command_line_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    assert cli.main(["eval", f"tasks={tmp_path / 'none.yaml'}", f"out={tmp_path}"]) == 2
+    assert "none.yaml does not exist" in capsys.readouterr().err
+    assert cli.main(["eval", f"out={tmp_path}"]) == 2
+    assert "needs tasks=" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- models
 def test_load_model_from_checkpoint_file_and_run_folder(tmp_path):
     torch.manual_seed(3)
@@ -308,13 +316,13 @@ def test_load_model_from_checkpoint_file_and_run_folder(tmp_path):
         assert not loaded.model.training
     assert not torch.equal(load_model(TINY, "", "cpu").model.encode_text(tokens, normalize=True), ref)
 
-    with pytest.raises(ValueError, match="unknown model architecture"):
+    with pytest.raises(ModelError, match="unknown model architecture"):
         load_model("no-such-arch", "", "cpu")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(TINY, str(tmp_path / "missing.pt"), "cpu")
     with pytest.raises(FileNotFoundError, match="epoch_latest.pt"):
         load_model(TINY, str(tmp_path), "cpu")
-    with pytest.raises(ValueError, match="neither a file"):
+    with pytest.raises(ModelError, match="neither a file"):
         load_model(TINY, "laion2b_s34b_b79k", "cpu")
 
 
@@ -351,7 +359,8 @@ def test_evaluate_end_to_end_writes_datacomp_lines_and_reuses_them(tmp_path, cap
     tasks_yaml, expected = write_tasks_yaml(tmp_path / "data")
     out = tmp_path / "eval"
     spec = ModelSpec(TINY, "")
-    summary = evaluate(spec, tasks_yaml, out, batch_size=8, seed=5)
+    # device=cpu: the numbers below are compared with an fp32 CPU computation (auto picks a GPU and bf16).
+    summary = evaluate(spec, tasks_yaml, out, batch_size=8, seed=5, device="cpu")
 
     lines, bad = read_results(out / RESULTS_FILE)
     assert bad == 0 and [l["key"] for l in lines] == ["colours", "colours_balanced", "colour_captions"]
@@ -379,21 +388,21 @@ def test_evaluate_end_to_end_writes_datacomp_lines_and_reuses_them(tmp_path, cap
     assert summary["groups"] == pytest.approx({"main": np.mean(mains[:2]), "retrieval": mains[2]})
 
     # Second run: everything comes from the cache, nothing is appended, the summary is the same.
-    again = evaluate(spec, tasks_yaml, out, batch_size=8, seed=5)
+    again = evaluate(spec, tasks_yaml, out, batch_size=8, seed=5, device="cpu")
     assert json.loads((out / "stats.json").read_text())["computed"] == []
     assert len(read_results(out / RESULTS_FILE)[0]) == 3
     assert [t["cached"] for t in again["tasks"]] == [True] * 3
     assert again["average"] == summary["average"]
 
     # force recomputes (deterministic: same numbers, another batch size); another model recomputes.
-    forced = evaluate(spec, tasks_yaml, out, batch_size=5, seed=5, force=True, only=["colours"])
+    forced = evaluate(spec, tasks_yaml, out, batch_size=5, seed=5, device="cpu", force=True, only=["colours"])
     assert len(read_results(out / RESULTS_FILE)[0]) == 4
     assert forced["tasks"][0]["value"] == pytest.approx(cls["acc1"])
-    other = evaluate(ModelSpec(TINY, ""), tasks_yaml, out, batch_size=8, seed=6)
+    other = evaluate(ModelSpec(TINY, ""), tasks_yaml, out, batch_size=8, seed=6, device="cpu")
     assert not any(t["cached"] for t in other["tasks"]) and len(read_results(out / RESULTS_FILE)[0]) == 7
 
     # The command line: a thin wrapper over the same function (all cached, prints the table).
-    assert cli.main(["eval", f"tasks={tasks_yaml}", f"out={out}", f"model.arch={TINY}", "seed=5"]) == 0
+    assert cli.main(["eval", f"tasks={tasks_yaml}", f"out={out}", f"model.arch={TINY}", "seed=5", "device=cpu"]) == 0
     printed = capsys.readouterr().out
     assert "average of 3 main metrics" in printed and "(cached)" in printed
     assert len(read_results(out / RESULTS_FILE)[0]) == 7
