@@ -54,18 +54,19 @@ def train(x: np.ndarray, k: int, niter: int, seed: int, spherical: bool = True) 
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by inner product for each row of x (normalised here): (ids int64, similarity)."""
-    import faiss
+    """Nearest centroid by inner product for each row of x (normalised here): (ids int64, similarity).
 
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    Exact brute force as a blocked matmul (numpy's BLAS was ~4x faster than faiss.IndexFlatIP on
+    the 2-core CPU); blocks hold at most ~16M similarities, whatever the centroid count.
+    """
+    if x.shape[1] != centroids.shape[1]:
+        raise FilterError(f"embeddings of dim {x.shape[1]} vs centroids of dim {centroids.shape[1]}")
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    block = max(1, min(batch_size, (1 << 24) // len(c)))
     ids = np.empty(len(x), dtype=np.int64)
     sims = np.empty(len(x), dtype=np.float32)
-    for start in range(0, len(x), batch_size):
-        chunk = normalize(x[start:start + batch_size])
-        if chunk.shape[1] != centroids.shape[1]:
-            raise FilterError(f"embeddings of dim {chunk.shape[1]} vs centroids of dim {centroids.shape[1]}")
-        s, i = index.search(chunk, 1)
-        ids[start:start + len(chunk)] = i[:, 0]
-        sims[start:start + len(chunk)] = s[:, 0]
+    for start in range(0, len(x), block):
+        s = normalize(x[start:start + block]) @ c.T
+        ids[start:start + len(s)] = s.argmax(1)
+        sims[start:start + len(s)] = s[np.arange(len(s)), ids[start:start + len(s)]]
     return ids, sims
