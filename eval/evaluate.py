@@ -88,7 +88,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
     task_stats: dict[str, Any] = {t: {"cached": True} for t in cached}
     if todo:
-        with timer("load_model"):
+        with timer("load_model"), torch.random.fork_rng(devices=[]):  # seed the init, leave the caller's RNG alone
             torch.manual_seed(cfg.seed)
             loaded = load_model(cfg.model.arch, cfg.model.pretrained, device)
         for t in todo:
