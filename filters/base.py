@@ -16,7 +16,6 @@ config order, that rejected it).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Protocol
@@ -276,6 +275,3 @@ def _count(counts: Counts, keep: np.ndarray, reason: np.ndarray) -> None:
         for name, k in zip(names, n):
             counts.drop(str(name) or "unspecified", int(k))
 
-
-def dataclass_args(flt: Filter) -> dict[str, Any]:
-    return {f.name: getattr(flt, f.name) for f in dataclasses.fields(flt)}  # type: ignore[arg-type]

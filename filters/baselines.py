@@ -270,4 +270,5 @@ class TextBased(Filter):
         return Verdict.from_rules(len(batch), rules)
 
     def fit(self, pool: Pool) -> dict[str, Any]:
-        return {"concepts": len(self._concepts)}
+        return {"concepts": len(self._concepts),
+                "note": "concepts matched by name (DataComp's WordNet / ImageNet-21k synsets are not available offline)"}

@@ -4,6 +4,15 @@ Writes into `out`: subset.npy (sorted u8,u8 uids), stats.json (kept / dropped by
 whole filter and for each filter on its own, what pool-level filters learned, timings),
 config.yaml (the resolved config), scores.parquet (uid + scores computed by filters such as
 normsim, when any) and work/ (resumable state of pool-level filters such as semdedup).
+
+    clipsift filter -p basic metadata=WORLD/pool/metadata out=runs/basic
+    clipsift filter -p image_based_clip_l14_30 metadata=M out=O downstream.embeddings=train.npy
+    clipsift filter -p text_based metadata=M out=O downstream.concepts=WORLD
+    clipsift filter filter.kind=clip_score filter.args.column=b32 filter.args.threshold=0.3 ...
+
+Filter kinds: no_filter, english, basic, clip_score, laion2b, text_based, image_based, normsim,
+semdedup; `all` / `any` groups combine them (filter.of: [...]). Language id: py3langid, or
+lang.backend=fasttext lang.fasttext_model=lid.176.bin.
 """
 from __future__ import annotations
 
@@ -16,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipsift import config, formats
-from clipsift.filters.base import Context, FilterSpec, build, run_filters
+from clipsift.filters.base import Context, FilterError, FilterSpec, build, run_filters
 from clipsift.filters.baselines import load_concepts
 from clipsift.filters.lang import LangConfig, LanguageId
 from clipsift.filters.pool import MetadataPool
@@ -82,5 +91,9 @@ def run(cfg: FilterRunConfig, log=print) -> dict:
 
 
 def main(cfg: FilterRunConfig, args: argparse.Namespace) -> int:
-    run(cfg)
+    try:
+        run(cfg)
+    except (config.ConfigError, FilterError, formats.FormatError) as e:
+        print(f"error: {e}")
+        return 1
     return 0

@@ -1,6 +1,7 @@
 """DataComp's image-based filter, and NormSim: pool examples that look like downstream training images.
 
-image_based: a caption pre-filter (English, > 1 token, > 5 characters); k-means on the image
+image_based: a caption pre-filter (English, > 1 whitespace token (DataComp counted fastText
+tokens), > 5 characters); k-means on the image
 embeddings of the rows that pass it; keep a pool row if its nearest centroid (inner product) is the
 nearest centroid of at least one downstream training image. DataComp used 100k centroids for a
 12.8M pool (128 rows per centroid), the default ratio here when `centroids` is not set.

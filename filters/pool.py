@@ -16,11 +16,6 @@ import pyarrow.parquet as pq
 from clipsift.filters.base import Batch, FilterError
 
 
-def _to_numpy(col: Any) -> np.ndarray:
-    arr = col.to_numpy(zero_copy_only=False)
-    return arr
-
-
 class MetadataPool:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -45,7 +40,7 @@ class MetadataPool:
             missing = columns - set(table.column_names)
             if missing:
                 raise FilterError(f"{path}: missing column(s) {sorted(missing)}; it has {sorted(_names(path))}")
-            cols = {name: _to_numpy(table.column(name)) for name in columns}
+            cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns}
             embs = self._embeddings(path, embeddings, n)
             for start in range(0, n, batch_size):
                 stop = min(n, start + batch_size)
