@@ -22,15 +22,14 @@ Why it is exact, in three steps:
    tighten it (recompute the max of the blocks where proposals were rejected) when the
    acceptance rate drops, and sampling stays exact whatever the envelope is.
 
-Items are grouped by score before being cut into blocks of m (a 16-bit radix sort on the float
-bits of max - score: scores within a block differ by < 0.4% of their distance to the top), so a
-block's envelope is tight and acceptance stays high. Blocks are picked with a guide table over
-their CDF (O(1) per draw on average) rather than a binary search.
+Items are grouped by score before being cut into blocks of m (an 8-bit radix sort into 256 score
+bands of equal width), so the items of a block have nearly equal scores, its envelope is tight
+and acceptance stays high. Blocks are picked with a guide table over their CDF (O(1) per draw on
+average) rather than a binary search.
 
 Numerics: scores are stored as float32 (DataComp score columns are float32); logits are computed
 in float64 as score - alpha * count, so they never drift with repeated subtraction. An item is
-drawn at most once per round, so counts fit in uint16 unless there are >= 2**15 rounds; the top
-bit of a count marks "drawn this round".
+drawn at most once per round, so counts fit in uint16 unless there are >= 2**16 rounds.
 """
 from __future__ import annotations
 
@@ -41,6 +40,7 @@ import numpy as np
 _CHUNK_ROWS = 1 << 16  # rows per chunk for whole-pool passes: keeps temporaries small
 _REFRESH_MID_ROUND = 0.5  # tighten envelopes before another batch if acceptance fell below this
 _REFRESH_END_ROUND = 0.75  # ... and after a round whose last batch accepted less than this
+_GUIDE_PER_BLOCK = 4  # guide buckets per block: most draws then need one comparison
 
 
 class BlockPool:
@@ -97,16 +97,19 @@ class BlockPool:
         self.stats["refreshed_blocks"] += len(rows)
 
     def _build_guide(self) -> None:
-        """Block CDF ∝ exp(env_B), and a guide table with one bucket per block:
+        """Block CDF ∝ exp(env_B), and a guide table of K equal buckets of [0, 1):
         guide[k] = a block index <= the first block whose CDF exceeds any u in bucket k."""
-        mass = np.exp(self.env - self.env.max())
-        cdf = np.cumsum(mass, out=mass)
+        edges = np.empty(self.nblocks + 1)  # edges[B], edges[B + 1]: block B's CDF interval
+        edges[0] = 0.0
+        cdf = edges[1:]
+        np.exp(self.env - self.env.max(), out=cdf)
+        np.cumsum(cdf, out=cdf)
         cdf /= cdf[-1]  # last entry exactly 1.0: every u in [0, 1) has an answer
-        k = len(cdf)
+        k = _GUIDE_PER_BLOCK * len(cdf)
         # The factor rounds borderline blocks up a bucket, so a guide never starts past the answer.
         bucket = np.minimum((cdf * (k * (1 + 1e-12))).astype(np.int64), k)
         per_bucket = np.bincount(bucket, minlength=k + 1)
-        self.cdf, self.guide = cdf, np.cumsum(per_bucket) - per_bucket
+        self.edges, self.cdf, self.guide = edges, cdf, np.cumsum(per_bucket) - per_bucket
 
     def _propose(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Inverse CDF of the proposal: block B with probability ∝ exp(env_B), then an item
@@ -116,22 +119,22 @@ class BlockPool:
         search for the rare rest); where u falls inside that block's CDF interval is uniform,
         and picks the item, so a single uniform serves both levels.
         """
-        cdf, nb = self.cdf, len(self.cdf)
-        blocks = self.guide[np.minimum((u * nb).astype(np.int64), nb - 1)]
+        cdf, k = self.cdf, len(self.guide) - 1
+        blocks = self.guide[np.minimum((u * k).astype(np.int64), k - 1)]
         blocks += cdf[blocks] <= u  # most buckets meet at most two blocks
         late = np.flatnonzero(cdf[blocks] <= u)  # buckets crossing several small blocks
         if late.size:
             blocks[late] = np.searchsorted(cdf, u[late], side="right")
-        hi = cdf[blocks]
-        lo = np.where(blocks > 0, cdf[blocks - 1], 0.0)
-        offset = np.minimum(((u - lo) / (hi - lo) * self.m).astype(np.int64), self.m - 1)
+        lo = self.edges[blocks]
+        within = (u - lo) / (self.edges[blocks + 1] - lo)  # uniform in [0, 1), independent of B
+        offset = np.minimum((within * self.m).astype(np.int64), self.m - 1)
         return blocks, blocks * self.m + offset
 
     # ------------------------------------------------------------------ one round
     def draw_round(self, b: int, rng: np.random.Generator) -> np.ndarray:
         """Draw b distinct items ∝ exp(logits), then lower their logits by alpha.
 
-        Returns their positions in grouped order (sorted). The b items are a successive sample
+        Returns their positions in grouped order (see `order`). The b items are a successive sample
         without replacement from softmax of the current logits, as Gumbel-top-b would give.
         """
         if not 0 <= b <= self.n:
@@ -148,7 +151,7 @@ class BlockPool:
                 self._refresh(rejected, np.concatenate(taken) if taken else rejected[:0])
                 self._build_guide()
                 tightened.append(rejected)
-        drawn = np.sort(np.concatenate(taken)) if len(taken) > 1 else taken[0] if taken else rejected
+        drawn = np.concatenate(taken) if len(taken) > 1 else taken[0] if taken else rejected
         self.c.reshape(-1)[drawn] += 1  # distinct positions, so a plain fancy update is exact
         # Re-admit this round's draws to tightened envelopes; tighten where the last batch
         # rejected many proposals.
@@ -173,9 +176,7 @@ class BlockPool:
         first = not taken and need > 4 * slack  # small rounds: just over-draw
         aim = need - slack - 0.005 * need if first else need * 1.02 + slack
         r = max(16, min(int(math.ceil(aim / self.yield_rate[not first])), 16 * need + 4096))
-        u = rng.random(r)
-        u.sort()
-        blocks, items = self._propose(u)
+        blocks, items = self._propose(_sorted_uniforms(rng, r))
         logit = self.s.reshape(-1)[items].astype(np.float64)
         logit -= self.alpha * self.c.reshape(-1)[items]
         logit -= self.env[blocks]
@@ -192,6 +193,14 @@ class BlockPool:
             new, when = _first_occurrences(accepted, rng.permutation(len(accepted)))
             new = new[when <= np.partition(when, need - 1)[need - 1]]
         return new, _distinct_sorted(blocks[~ok])
+
+
+def _sorted_uniforms(rng: np.random.Generator, r: int) -> np.ndarray:
+    """r i.i.d. uniforms on [0, 1), generated in sorted order: S_i / S_(r+1) for S the partial
+    sums of r + 1 standard exponentials has the law of sorted uniforms (no sort needed)."""
+    s = np.cumsum(rng.standard_exponential(r + 1))
+    u = s[:-1] / s[-1]
+    return np.minimum(u, np.nextafter(1.0, 0.0), out=u)  # rounding could give 1.0; keep [0, 1)
 
 
 def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
@@ -220,14 +229,18 @@ def _first_occurrences(seq: np.ndarray, position: np.ndarray) -> tuple[np.ndarra
 
 
 def _group_by_score(scores: np.ndarray) -> np.ndarray:
-    """Permutation putting high scores first, grouped to 8 significant bits of (max - score).
+    """Permutation putting high scores first, in 256 groups of equal score width.
 
-    A stable radix sort on 16-bit keys: O(N), ties keep their original order (deterministic).
+    Groups span (max - min) / 256 of score (the lowest group also takes every score more than
+    32 below the max: their weight is < e^-32 of the top one), so block envelopes are tight. A
+    stable one-pass radix sort on 8-bit keys: O(N), ties keep their original order.
     """
     index_type = np.int32 if len(scores) < 2**31 else np.int64
     if len(scores) == 0:
         return np.empty(0, dtype=index_type)
-    gap = np.float32(scores.max()) - scores  # >= 0, so its float bits sort like its value
-    key = (gap.view(np.uint32) >> 15).astype(np.uint16)  # exponent + 8 mantissa bits
-    del gap
-    return np.argsort(key, kind="stable").astype(index_type)
+    top = float(scores.max())
+    width = max(min(top - float(scores.min()), 32.0), 1e-30) / 256
+    key = np.subtract(top, scores, dtype=np.float32)
+    key *= np.float32(1 / width)
+    np.minimum(key, np.float32(255), out=key)
+    return np.argsort(key.astype(np.uint8), kind="stable").astype(index_type)
