@@ -132,7 +132,10 @@ def iter_groups(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]] | Ski
     """Walk any webdataset tar: yield (key, {ext: bytes}) per sample key in tar order, or a Skip.
 
     Skips: a key seen twice (duplicate_key), the group being read when the tar ended early
-    (truncated_tar), or the whole tar when it cannot be opened (unreadable_shard). Callers that
+    (truncated_tar), a tar cut exactly between members, which tarfile reads as a clean end (one
+    truncated_tar skip keyed by the tar's name, after its last group: the end-of-archive blocks every
+    finished tar ends with are missing), or the whole tar when it cannot be opened
+    (unreadable_shard). Callers that
     know the layout (read_shard for img2dataset shards, eval for clip_benchmark task shards)
     check the members themselves.
     """
@@ -145,6 +148,7 @@ def iter_groups(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]] | Ski
     except (tarfile.TarError, OSError, EOFError) as e:
         yield Skip(key=path.name, reason=UNREADABLE_SHARD, detail=str(e))
         return
+    unfinished = False
     try:
         for info in tar:
             if not info.isfile():
@@ -158,6 +162,9 @@ def iter_groups(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]] | Ski
             if ext in members:  # same key and member twice inside one group
                 members["__dup__"] = b""
             members[ext.lower()] = data
+        # tar.offset counts uncompressed bytes, comparable with the file size only for a plain tar
+        plain = getattr(tar.fileobj, "comptype", "tar") == "tar"
+        unfinished = plain and path.stat().st_size - tar.offset < 2 * tarfile.BLOCKSIZE
     except (tarfile.TarError, OSError, EOFError) as e:
         # The group being read when the tar ended is lost: report it, and say the tar was cut.
         yield Skip(key=group_key or path.name, reason=TRUNCATED_TAR, detail=str(e))
@@ -166,6 +173,10 @@ def iter_groups(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]] | Ski
         tar.close()
     if group_key is not None:
         yield _group(group_key, members, seen)
+    if unfinished:
+        yield Skip(key=path.name, reason=TRUNCATED_TAR,
+                   detail=f"no end-of-archive blocks after byte {tar.offset}: the writer did not finish this tar "
+                          f"and samples after {group_key or 'its start'} may be missing")
 
 
 def _group(key: str, members: dict[str, bytes], seen: set[str]) -> tuple[str, dict[str, bytes]] | Skip:
