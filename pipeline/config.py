@@ -1,0 +1,87 @@
+"""Configs of the two pipeline commands: `clipsift embed` (shards in) and `clipsift score` (metadata in).
+
+docs/pipeline.md explains every key; configs/pipeline/*.yaml (embed) and configs/pipeline/score/*.yaml
+(score) are presets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from clipsift.eval.models import ModelSpec
+from clipsift.pipeline.heads import HeadSpec
+
+
+@dataclass
+class RayConfig:
+    """Where the pipeline runs and how it shares the machine."""
+
+    address: str = ""  # a Ray cluster ("auto", "ray://host:10001"); "" = $RAY_ADDRESS, else a local Ray
+    num_cpus: int = 0  # local Ray only: CPUs to use (0 = every core of this machine)
+    model_actors: int = 0  # model-stage actors (0 = one per GPU, or one on a CPU-only cluster)
+    model_cpus: float = 1.0  # CPUs each model actor reserves; the rest decode (must leave some)
+    model_threads: int = 0  # torch threads of a CPU model actor (0 = ceil(model_cpus))
+    read_cpus: float = 1.0  # CPUs each read/decode task reserves
+
+
+@dataclass
+class RunConfig:
+    """What both modes share."""
+
+    input: str = ""
+    out: str = ""
+    heads: dict[str, HeadSpec] = field(default_factory=dict)  # output column -> head, run in this order
+    batch_size: int = 256  # examples per model forward pass, and per decode chunk
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when the cluster has GPUs
+    max_shards: int = 0  # stop after this many shards/files are written (0 = all); a partial run resumes
+    progress: bool = True  # Ray's progress bars
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if self.max_shards < 0:
+            raise ValueError("max_shards must be >= 0")
+
+
+def _world_models() -> dict[str, ModelSpec]:
+    return {"b32": ModelSpec("world-rn-s", ""), "l14": ModelSpec("world-rn-l", "")}
+
+
+def _clip_heads() -> dict[str, HeadSpec]:
+    return {"clip_b32_similarity_score": HeadSpec("clip_score", "b32"),
+            "clip_l14_similarity_score": HeadSpec("clip_score", "l14")}
+
+
+@dataclass
+class EmbedConfig(RunConfig):
+    """Shard mode: img2dataset shards -> per-shard metadata parquet + embeddings npz."""
+
+    input: str = ""  # folder of {:08d}.tar shards with their _stats.json
+    out: str = "runs/pipeline/embed"
+    # name -> open_clip model; its embeddings are stored as <name>_img / <name>_txt
+    models: dict[str, ModelSpec] = field(default_factory=_world_models)
+    heads: dict[str, HeadSpec] = field(default_factory=_clip_heads)
+    allow_random_weights: bool = False  # a model without `pretrained` is random: refuse unless set (benchmarks)
+    seed: int = 0  # torch seed before building each model (reproducible random weights)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype on cuda (cpu always runs fp32)
+    normalize: bool = True  # store L2-normalised embeddings (scores are cosines either way)
+    on_missing_stats: Literal["error", "process"] = "error"  # a shard without _stats.json may be incomplete
+    read_splits: int = 0  # read tasks per shard, each decoding every k-th chunk (0 = enough to fill the CPUs)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.models:
+            raise ValueError("models is empty: configure at least one embedding model")
+        for name in self.models:
+            if not name.isidentifier():
+                raise ValueError(f"model name {name!r} must be an identifier (it names npz arrays {name}_img/_txt)")
+
+
+@dataclass
+class ScoreConfig(RunConfig):
+    """Metadata mode: DataComp parquet + npz (no images) -> the same layout with score heads added."""
+
+    input: str = ""  # folder of metadata .parquet files with row-aligned .npz embeddings
+    out: str = "runs/pipeline/score"
+    heads: dict[str, HeadSpec] = field(default_factory=_clip_heads)

@@ -1,0 +1,222 @@
+"""Shard mode: img2dataset shards in, DataComp-layout metadata + embeddings + scores out, resumable.
+
+    shards ──read tasks (CPU, parallel)──> chunks: uint8 images, int32 tokens, metadata, skips
+           ──ONE model stage (an actor per GPU, or one CPU actor)──> every model's embeddings, every head
+           ──driver──> per shard: sort chunks, write parquet + npz, then the done marker
+
+Shards already done (marker present, same plan fingerprint) are skipped, so a killed run restarted
+with the same config finishes the rest and its outputs are byte-identical to an uninterrupted
+run's. The driver writes, so outputs have stable names (the input shard's stem) and atomic renames.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from clipsift import config, formats, shards
+from clipsift.pipeline.config import EmbedConfig
+from clipsift.pipeline.decode import read_task
+from clipsift.pipeline.encoders import Encoder, Plan, make_plan
+from clipsift.pipeline.output import finished, output_schema, run_stats, summary_table, write_outputs
+from clipsift.pipeline.raysession import StagePlan, ray_session, stage_plan
+from clipsift.runlog import Counts
+
+MISSING_FROM_TAR = "missing_from_tar"  # the stats file counts more successes than the tar holds
+MISSING_STATS = "missing_stats_file"
+
+
+def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
+    """Embed and score every shard of cfg.input not yet done in cfg.out; return the run's stats."""
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    shard_paths = formats.list_shards(cfg.input) if Path(cfg.input).is_dir() else []
+    if not shard_paths:
+        raise FileNotFoundError(f"input={cfg.input!r}: no {{:08d}}.tar shards there")
+    expected = expected_rows(shard_paths, cfg.on_missing_stats)
+    plan = make_plan(cfg.models, cfg.heads, batch_size=cfg.batch_size, normalize=cfg.normalize,
+                     precision=cfg.precision, seed=cfg.seed, allow_random_weights=cfg.allow_random_weights)
+    fingerprint = plan.fingerprint()
+    stems = [p.stem for p in shard_paths]
+    done_before = finished(out, stems, fingerprint)
+    pending = [p for p in shard_paths if p.stem not in done_before]
+    out.mkdir(parents=True, exist_ok=True)
+    config.dump(cfg, out / "config.yaml")
+    echo(f"embed: {len(shard_paths)} shards in {cfg.input}, {len(done_before)} already done, {len(pending)} to do")
+
+    written: list[str] = []
+    rows = 0
+    run: dict[str, Any] = {"fingerprint": fingerprint, "shards_skipped_done": len(done_before)}
+    if pending:
+        t0 = time.perf_counter()
+        with ray_session(cfg.ray, cfg.progress):
+            run["ray_init_s"] = round(time.perf_counter() - t0, 3)
+            sp = stage_plan(cfg.ray, cfg.device)
+            run["stages"] = vars(sp)
+            ds = build_dataset(pending, plan, sp, cfg.read_splits)
+            for shard, chunk_rows in assembled_shards(ds):
+                path = pending[shard]
+                rows += write_shard(out, path, chunk_rows, plan, fingerprint, expected[path.stem])
+                written.append(path.stem)
+                if cfg.max_shards and len(written) >= cfg.max_shards:
+                    echo(f"embed: stopping after max_shards={cfg.max_shards}; re-run to finish the rest")
+                    break
+    wall = time.perf_counter() - t_start
+    run.update(shards_written=len(written), rows_written=rows, wall_s=round(wall, 3), rows_per_s=round(rows / wall, 1))
+    stats = run_stats(out, stems, run)
+    echo(summary_table(stats))
+    echo(f"embed: wrote {len(written)} shards ({rows} rows) in {run['wall_s']:.1f} s; "
+         f"{stats['shards_done']}/{len(stems)} shards done; outputs in {out}")
+    return stats
+
+
+def expected_rows(shard_paths: list[Path], on_missing: str) -> dict[str, int | None]:
+    """successes from each shard's _stats.json; a missing file is an error unless on_missing=process."""
+    expected: dict[str, int | None] = {}
+    missing = []
+    for path in shard_paths:
+        try:
+            stats = shards.read_stats(path.parent, formats.shard_index(path))
+        except ValueError as e:
+            raise formats.FormatError(f"{path.parent / formats.stats_name(formats.shard_index(path))}: not JSON ({e})")
+        if stats is None:
+            missing.append(path.name)
+            expected[path.stem] = None
+        else:
+            expected[path.stem] = int(stats.get("successes", stats.get("count", 0)))
+    if missing and on_missing == "error":
+        raise formats.FormatError(
+            f"{len(missing)} shard(s) have no _stats.json ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}). "
+            f"img2dataset writes it when a shard is finished, so these may be cut short and the loss would go "
+            f"unnoticed. Re-download them, or set on_missing_stats=process to embed what they hold.")
+    return expected
+
+
+def build_dataset(pending: list[Path], plan: Plan, sp: StagePlan, read_splits: int):
+    """from_items(shard parts) -> read/decode tasks -> one actor pool running every model and head."""
+    import ray
+
+    parts = read_splits or max(1, min(16, math.ceil(sp.read_slots / len(pending))))
+    items = [{"path": str(p), "shard": i, "part": k, "parts": parts} for i, p in enumerate(pending) for k in range(parts)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(read_task, fn_kwargs={"plan": plan}, batch_size=1, batch_format="pyarrow",
+                        num_cpus=sp.read_cpus, memory=read_task_memory(plan))
+    return ds.map_batches(
+        EncodeStage, fn_constructor_kwargs={"plan": plan, "device": "cuda" if sp.use_gpu else "cpu",
+                                            "threads": sp.model_threads},
+        compute=ray.data.ActorPoolStrategy(size=sp.model_actors), num_gpus=1 if sp.use_gpu else None,
+        num_cpus=sp.model_cpus, batch_size=1, batch_format="pyarrow")
+
+
+def read_task_memory(plan: Plan) -> int:
+    """Bytes a read task reserves: a decoded chunk twice over plus Ray's output buffer (<= 1.5 blocks).
+
+    Reserving memory also keeps the read tasks apart from the model actor: Ray fuses a task map into
+    the following actor map when their resource requests match, and then every image would be
+    decoded serially inside the model actor.
+    """
+    import ray
+
+    chunk = plan.batch_size * (sum(int(np.prod(p.shape)) for p in plan.images) + 4 * sum(t.context_length for t in plan.texts))
+    return int(2 * chunk + 1.5 * ray.data.DataContext.get_current().target_max_block_size)
+
+
+class EncodeStage:
+    """The model stage (a Ray actor): per chunk row, every model's embeddings and every head's scores."""
+
+    def __init__(self, plan: Plan, device: str, threads: int):
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        self.plan = plan
+        self.encoder = Encoder(plan, device)
+        self.dims = self.encoder.embedding_dims()
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        blobs = [p.key for p in self.plan.images] + [t.key for t in self.plan.texts]
+        new: dict[str, list] = {"model_s": []}
+        for i in range(table.num_rows):
+            t0 = time.perf_counter()
+            images = {p.key: _array(table, p.key, i, np.uint8, p.shape) for p in self.plan.images}
+            tokens = {t.key: _array(table, t.key, i, np.int32, (t.context_length,)) for t in self.plan.texts}
+            n = len(table.column("uid")[i])
+            if n:
+                embs, scores = self.encoder.encode(images, tokens)
+            else:
+                embs = {k: np.zeros((0, d), np.float16) for k, d in self.dims.items()}
+                scores = {c: np.zeros(0, np.float32) for c in self.plan.score_columns}
+            for k, v in {**{f"emb:{k}": v for k, v in embs.items()}, **{f"score:{k}": v for k, v in scores.items()}}.items():
+                new.setdefault(k, []).append(v.tobytes())
+            for k, d in self.dims.items():
+                new.setdefault(f"dim:{k}", []).append(d)
+            new["model_s"].append(time.perf_counter() - t0)
+        table = table.drop_columns(blobs)
+        for name, values in new.items():
+            kind = pa.large_binary() if name.startswith(("emb:", "score:")) else (
+                pa.int64() if name.startswith("dim:") else pa.float64())
+            table = table.append_column(name, pa.array(values, kind))
+        return table
+
+
+def _array(table: pa.Table, column: str, row: int, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(table.column(column)[row].as_buffer(), dtype).reshape(-1, *shape)
+
+
+def assembled_shards(ds) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """Collect chunk rows per shard as they stream in (any order); yield a shard once all its chunks arrived."""
+    chunks: dict[int, dict[int, dict[str, Any]]] = {}
+    last: dict[int, int] = {}
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in table.to_pylist():
+            shard = row["shard"]
+            chunks.setdefault(shard, {})[row["chunk"]] = row
+            if row["last"]:
+                last[shard] = row["chunk"]
+            if shard in last and len(chunks[shard]) == last[shard] + 1:
+                del last[shard]
+                yield shard, [c for _, c in sorted(chunks.pop(shard).items())]
+    if chunks:  # a read task that died would surface as a Ray error before this; this guards the bookkeeping
+        raise RuntimeError(f"pipeline ended with incomplete shards: "
+                           f"{ {s: sorted(c) for s, c in chunks.items()} } (chunk indices received)")
+
+
+def write_shard(out: Path, path: Path, rows: list[dict[str, Any]], plan: Plan, fingerprint: str,
+                expected: int | None) -> int:
+    """Concatenate a shard's chunks in order and write parquet + npz + done marker."""
+    counts, skips = Counts(), []
+    notes: dict[str, int] = {}
+    for row in rows:
+        for key, reason, detail in zip(row["keys"], row["reasons"], row["details"]):
+            if reason:
+                counts.drop(reason)
+                skips.append({"key": key, "reason": reason, "detail": detail})
+        for note in row["notes"]:
+            notes[note] = notes.get(note, 0) + 1
+    counts.keep(sum(len(r["uid"]) for r in rows))
+    records = sum(len(r["keys"]) for r in rows)
+    if expected is None:
+        notes[MISSING_STATS] = 1
+    elif expected > records:  # e.g. a tar cut short: these samples never reached us
+        counts.drop(MISSING_FROM_TAR, expected - records)
+    elif expected < records:
+        notes["more_samples_than_stats_successes"] = records - expected
+
+    columns = {f.name: [v for r in rows for v in r[f.name]] for f in formats.METADATA_SCHEMA}
+    for col in plan.score_columns:
+        columns[col] = np.concatenate([np.frombuffer(r[f"score:{col}"], np.float32) for r in rows])
+    table = pa.table(columns, schema=output_schema(plan.score_columns))
+    arrays = {name: np.concatenate([np.frombuffer(r[f"emb:{name}"], np.float16).reshape(-1, r[f"dim:{name}"])
+                                    for r in rows]) for name in plan.embedding_names()}
+    c = counts.as_dict()
+    marker = {"fingerprint": fingerprint, "source": str(path), "rows_in": c["seen"], "rows_out": c["kept"],
+              "skipped": c["dropped"], "expected_rows": expected, "notes": dict(sorted(notes.items())),
+              "skips": skips,
+              "timings": {"read": round(sum(r["read_s"] for r in rows), 4),
+                          "model": round(sum(r["model_s"] for r in rows), 4)}}
+    write_outputs(out, path.stem, table, arrays, marker)
+    return c["kept"]

@@ -1,0 +1,435 @@
+"""The Ray pipeline on the ci world: shard mode, metadata mode, resume, bad input, output format.
+
+One local Ray session and one full shard-mode run are shared by the module. The two embedding
+models are real open_clip models with random weights saved to disk: world-rn-s as a checkpoint
+file (the "b32" role) and a tiny ViT as a `local-dir:` folder with its own preprocessing
+(squash-resize to 24 px, other mean/std, context 16: the "l14" role), so the run exercises two
+image preprocessings and two tokenizers.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from clipsift import formats, shards
+from clipsift.eval.models import ModelSpec
+from clipsift.pipeline.config import EmbedConfig, RayConfig, ScoreConfig
+from clipsift.pipeline.heads import HeadError, HeadSpec, build_heads
+
+TINY_VIT = {
+    "model_cfg": {"embed_dim": 48, "vision_cfg": {"image_size": 24, "layers": 1, "width": 32, "patch_size": 8,
+                                                  "head_width": 16},
+                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+    "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear",
+                       "resize_mode": "squash"},
+}
+SCORES = ["clip_b32_similarity_score", "clip_l14_similarity_score"]
+EMBEDDINGS = ["b32_img", "b32_txt", "l14_img", "l14_txt"]
+# what read_shard / the decode stage report for each kind of damage the world plants
+CORRUPT_REASON = {"truncated_jpeg": shards.CORRUPT_IMAGE, "missing_caption": shards.MISSING_TEXT,
+                  "malformed_json": shards.BAD_JSON}
+
+
+def quiet(*_args) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, ModelSpec]:
+    import open_clip
+
+    import clipsift.training  # noqa: F401  (registers world-rn-s)
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(1)
+    ckpt = root / "world-rn-s.pt"
+    torch.save({"state_dict": open_clip.create_model("world-rn-s").state_dict()}, ckpt)
+    vit = root / "tiny-vit"
+    vit.mkdir()
+    (vit / "open_clip_config.json").write_text(json.dumps(TINY_VIT))
+    torch.manual_seed(2)
+    state = open_clip.create_model(f"local-dir:{vit}").state_dict()
+    torch.save(state, vit / "open_clip_pytorch_model.bin")
+    return {"b32": ModelSpec("world-rn-s", str(ckpt)), "l14": ModelSpec(f"local-dir:{vit}", "")}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def embed_config(shards_dir: Path, out: Path, models: dict[str, ModelSpec], **kw) -> EmbedConfig:
+    args = dict(input=str(shards_dir), out=str(out), models=models, batch_size=128, progress=False,
+                ray=RayConfig(num_cpus=2))
+    args.update(kw)
+    return EmbedConfig(**args)
+
+
+@pytest.fixture(scope="module")
+def embedded(ci_world, models, ray_local, tmp_path_factory):
+    from clipsift.pipeline.embed import run_embed
+
+    out = tmp_path_factory.mktemp("embed")
+    cfg = embed_config(ci_world / "pool" / "shards", out, models, read_splits=2)  # 2 read tasks per shard
+    return cfg, run_embed(cfg, echo=quiet)
+
+
+def output_tables(out: Path) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    files = sorted((Path(out) / "metadata").glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    arrays: dict[str, list[np.ndarray]] = {}
+    for f in files:
+        with np.load(f.with_suffix(".npz"), allow_pickle=False) as z:
+            for k in z.files:
+                arrays.setdefault(k, []).append(z[k])
+    return table, {k: np.concatenate(v) for k, v in arrays.items()}
+
+
+def markers(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((Path(out) / "done").glob("*.json"))}
+
+
+# ---------------------------------------------------------------- shard mode on the world
+def test_every_valid_sample_once_in_pool_order(ci_world, embedded):
+    from clipsift.world.generate import load_ground_truth
+
+    cfg, stats = embedded
+    gt = load_ground_truth(ci_world)
+    valid = [u for u, noise in zip(gt.column("uid").to_pylist(), gt.column("noise").to_pylist()) if noise != "corrupt"]
+    table, arrays = output_tables(cfg.out)
+    assert table.column("uid").to_pylist() == valid  # each exactly once, in tar order, shard by shard
+    # the DataComp columns come from the sample json / caption and match the world's own metadata
+    world_meta = pa.concat_tables([pq.read_table(f) for f in sorted((ci_world / "pool" / "metadata").glob("*.parquet"))])
+    by_uid = {r["uid"]: r for r in world_meta.to_pylist()}
+    for row in table.select(formats.METADATA_COLUMNS).to_pylist():
+        assert row == by_uid[row["uid"]]
+    assert stats["totals"]["rows_out"] == len(valid) and stats["totals"]["rows_in"] == gt.num_rows
+    for k in EMBEDDINGS:
+        assert arrays[k].shape[0] == len(valid)
+
+
+def test_embeddings_and_scores_equal_plain_open_clip(ci_world, models, embedded):
+    """Each model + its own open_clip preprocess, no Ray, on every decodable sample of the pool."""
+    import open_clip
+
+    cfg, _ = embedded
+    table, arrays = output_tables(cfg.out)
+    images, texts, uids = [], [], []
+    for path in formats.list_shards(ci_world / "pool" / "shards"):
+        for rec in shards.read_shard(path):
+            if isinstance(rec, shards.Sample):
+                try:
+                    img = Image.open(io.BytesIO(rec.image))
+                    img.load()
+                except OSError:
+                    continue
+                images.append(img)
+                texts.append(rec.text)
+                uids.append(rec.uid)
+    assert uids == table.column("uid").to_pylist()
+    for name, spec in models.items():
+        model, _, preprocess = open_clip.create_model_and_transforms(spec.arch, pretrained=spec.pretrained or None)
+        model.eval()
+        tokenizer = open_clip.get_tokenizer(spec.arch)
+        with torch.no_grad():
+            img = torch.cat([model.encode_image(torch.stack([preprocess(i) for i in images[s:s + 256]]))
+                             for s in range(0, len(images), 256)])
+            txt = torch.cat([model.encode_text(tokenizer(texts[s:s + 256])) for s in range(0, len(texts), 256)])
+        img, txt = (torch.nn.functional.normalize(z, dim=-1).numpy() for z in (img, txt))
+        assert arrays[f"{name}_img"].dtype == np.float16
+        np.testing.assert_allclose(arrays[f"{name}_img"].astype(np.float32), img, atol=1e-3, rtol=0)
+        np.testing.assert_allclose(arrays[f"{name}_txt"].astype(np.float32), txt, atol=1e-3, rtol=0)
+        cosine = (img * txt).sum(1)
+        column = {"b32": SCORES[0], "l14": SCORES[1]}[name]
+        np.testing.assert_allclose(table.column(column).to_numpy(), cosine, atol=2e-3, rtol=0)
+
+
+def test_planted_corrupt_samples_reported_by_reason(ci_world, embedded):
+    from clipsift.world.generate import load_ground_truth
+
+    cfg, stats = embedded
+    gt = load_ground_truth(ci_world).to_pylist()
+    expected = {r["key"]: CORRUPT_REASON[r["corrupt_kind"]] for r in gt if r["noise"] == "corrupt"}
+    assert expected  # the ci world plants some
+    reported = {s["key"]: s["reason"] for m in markers(cfg.out).values() for s in m["skips"]}
+    assert reported == expected
+    want_totals: dict[str, int] = {}
+    for reason in expected.values():
+        want_totals[reason] = want_totals.get(reason, 0) + 1
+    assert stats["totals"]["skipped"] == dict(sorted(want_totals.items()))
+    for m in stats["shards"].values():  # nothing unaccounted for
+        assert m["rows_in"] == m["rows_out"] + sum(m["skipped"].values())
+        assert set(m["timings"]) == {"read", "model", "write"}
+
+
+def test_output_is_plain_datacomp_metadata(embedded):
+    cfg, _ = embedded
+    files = sorted((Path(cfg.out) / "metadata").glob("*.parquet"))
+    assert [f.stem for f in files] == ["00000000", "00000001", "00000002"]  # one per input shard, same stem
+    for f in files:
+        schema = pq.read_schema(f)
+        assert schema.names == formats.METADATA_COLUMNS + SCORES
+        assert schema.field("uid").type == pa.string() and schema.field("original_width").type == pa.int64()
+        assert schema.field("face_bboxes").type == pa.list_(pa.list_(pa.float64()))
+        for s in SCORES:
+            assert schema.field(s).type == pa.float32()
+        rows = pq.ParquetFile(f).metadata.num_rows
+        with np.load(f.with_suffix(".npz"), allow_pickle=False) as z:
+            assert sorted(z.files) == sorted(EMBEDDINGS)
+            assert z["b32_img"].shape == (rows, 128) and z["l14_txt"].shape == (rows, 48)
+            assert all(z[k].dtype == np.float16 for k in z.files)
+            assert np.allclose(np.linalg.norm(z["b32_img"].astype(np.float32), axis=1), 1, atol=2e-3)
+    stats = json.loads((Path(cfg.out) / "stats.json").read_text())
+    assert stats["shards_done"] == 3 and (Path(cfg.out) / "config.yaml").is_file()
+
+
+def test_rerun_is_a_no_op_and_other_config_is_refused(embedded):
+    from clipsift.pipeline.embed import run_embed
+    from clipsift.pipeline.output import OutputError
+
+    cfg, _ = embedded
+    before = {p: p.stat().st_mtime_ns for p in (Path(cfg.out) / "metadata").iterdir()}
+    stats = run_embed(cfg, echo=quiet)  # nothing pending: Ray is not even needed
+    assert stats["run"]["shards_written"] == 0 and stats["run"]["shards_skipped_done"] == 3
+    assert {p: p.stat().st_mtime_ns for p in (Path(cfg.out) / "metadata").iterdir()} == before
+    other = embed_config(Path(cfg.input), Path(cfg.out), cfg.models, batch_size=64)
+    with pytest.raises(OutputError, match="different configuration"):
+        run_embed(other, echo=quiet)
+
+
+def test_killed_run_resumes_to_identical_bytes(embedded, tmp_path):
+    """Stop after one shard (as a kill would), leave debris of an unfinished write, resume."""
+    from clipsift.pipeline.embed import run_embed
+
+    cfg, _ = embedded
+    out = tmp_path / "resumed"
+    first = run_embed(embed_config(Path(cfg.input), out, cfg.models, max_shards=1), echo=quiet)
+    assert first["run"]["shards_written"] == 1 and len(markers(out)) == 1
+    pending = sorted({"00000000", "00000001", "00000002"} - set(markers(out)))
+    # a killed writer leaves a temp file and maybe a parquet without its marker
+    (out / "metadata" / f".{pending[0]}.parquet.123.tmp").write_bytes(b"partial")
+    (out / "metadata" / f"{pending[0]}.parquet").write_bytes(b"not a finished parquet")
+    second = run_embed(embed_config(Path(cfg.input), out, cfg.models), echo=quiet)  # default read_splits
+    assert second["run"]["shards_written"] == 2 and second["run"]["shards_skipped_done"] == 1
+    for stem in ["00000000", "00000001", "00000002"]:
+        for suffix in (".parquet", ".npz"):
+            a = (Path(cfg.out) / "metadata" / f"{stem}{suffix}").read_bytes()
+            assert (out / "metadata" / f"{stem}{suffix}").read_bytes() == a, f"{stem}{suffix} differs"
+    want = {k: {f: m[f] for f in ("rows_in", "rows_out", "skipped", "skips")} for k, m in markers(cfg.out).items()}
+    got = {k: {f: m[f] for f in ("rows_in", "rows_out", "skipped", "skips")} for k, m in markers(out).items()}
+    assert got == want
+
+
+def test_metadata_mode_reproduces_shard_mode_scores(embedded, tmp_path):
+    from clipsift.pipeline.score import run_score
+
+    cfg, _ = embedded
+    src = Path(cfg.out) / "metadata"
+    # drop the score columns so metadata mode has to compute them (DataComp's own metadata has them)
+    stripped = tmp_path / "in"
+    stripped.mkdir()
+    for f in sorted(src.glob("*.parquet")):
+        pq.write_table(pq.read_table(f).drop_columns(SCORES), stripped / f.name)
+        shutil.copyfile(f.with_suffix(".npz"), stripped / f"{f.stem}.npz")
+    out = tmp_path / "scored"
+    stats = run_score(ScoreConfig(input=str(stripped), out=str(out), batch_size=100, progress=False,
+                                  ray=RayConfig(num_cpus=2)), echo=quiet)
+    assert stats["run"]["shards_written"] == 3
+    for f in sorted(src.glob("*.parquet")):
+        want, got = pq.read_table(f), pq.read_table(out / "metadata" / f.name)
+        assert got.schema == want.schema
+        for s in SCORES:
+            np.testing.assert_allclose(got.column(s).to_numpy(), want.column(s).to_numpy(), rtol=0, atol=1e-6)
+        assert got.drop_columns(SCORES).equals(want.drop_columns(SCORES))
+        assert (out / "metadata" / f"{f.stem}.npz").read_bytes() == f.with_suffix(".npz").read_bytes()
+
+
+# ---------------------------------------------------------------- bad input
+def _jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _sample(shard: int, row: int, *, text: bytes | None = b"a red square", uid: bool = True,
+            image: bytes | None = None, json_bytes: bytes | None = None) -> tuple[str, dict[str, bytes], dict]:
+    key = formats.sample_key(shard, row)
+    meta = {"url": f"http://x.invalid/{key}.jpg", "status": "success", "original_width": 300,
+            "original_height": 200, "sha256": "0" * 64, "key": key}
+    if uid:
+        meta["uid"] = f"{shard:016x}{row:016x}"
+    members = {"jpg": _jpeg(row) if image is None else image}
+    if text is not None:
+        members["txt"] = text
+    members["json"] = json.dumps(meta).encode() if json_bytes is None else json_bytes
+    return key, members, meta
+
+
+def _write(folder: Path, shard: int, samples) -> Path:
+    with shards.ShardWriter(folder, shard) as w:
+        for key, members, meta in samples:
+            w.add_raw(key, members, status=meta)
+    return folder / formats.shard_name(shard)
+
+
+@pytest.fixture(scope="module")
+def bad_pool(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bad") / "shards"
+    # 0: duplicate key (a second group with a key already seen) + a corrupt image + a good sample
+    s = [_sample(0, 0), _sample(0, 1), _sample(0, 2, image=b"\xff\xd8 not a jpeg")]
+    _write(d, 0, s + [(s[0][0], _sample(0, 3)[1], s[0][2])])
+    # 1: non-UTF-8 caption, json without uid, missing caption, malformed json, missing image, 2 good
+    missing_image = _sample(1, 6)
+    del missing_image[1]["jpg"]
+    _write(d, 1, [_sample(1, 0, text=b"caf\xe9 \xff"), _sample(1, 1, uid=False), _sample(1, 2, text=None),
+                  _sample(1, 3, json_bytes=b'{"uid": '), _sample(1, 4), _sample(1, 5), missing_image])
+    # 2: a tar cut inside its 4th sample (stats say 6)
+    tar = _write(d, 2, [_sample(2, r) for r in range(6)])
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) * 55 // 100])
+    # 3: an empty shard
+    _write(d, 3, [])
+    # 4: a shard whose _stats.json is missing
+    _write(d, 4, [_sample(4, r) for r in range(3)])
+    (d / formats.stats_name(4)).unlink()
+    return d
+
+
+def test_decode_stage_chunks_account_for_every_record(bad_pool, models):
+    """No Ray: chunks of 2 samples; every tar record lands in exactly one chunk, across read splits."""
+    from clipsift.pipeline.decode import read_chunks
+    from clipsift.pipeline.encoders import make_plan
+
+    plan = make_plan(models, {}, batch_size=2, normalize=True, precision="fp32", seed=0, allow_random_weights=False)
+    path = bad_pool / "00000001.tar"
+    whole = [t.to_pylist()[0] for t in read_chunks(str(path), 1, plan)]
+    assert [c["chunk"] for c in whole] == list(range(len(whole))) and [c["last"] for c in whole][-1]
+    assert sum(c["last"] for c in whole) == 1
+    keys = [k for c in whole for k in c["keys"]]
+    assert keys == [r.key for r in shards.read_shard(path)]
+    assert all(len(c["uid"]) <= 2 for c in whole)
+    split = [t.to_pylist()[0] for part in range(3) for t in read_chunks(str(path), 1, plan, part, 3)]
+    assert sorted(c["chunk"] for c in split) == [c["chunk"] for c in whole]
+    for c in split:
+        twin = whole[c["chunk"]]
+        assert c["keys"] == twin["keys"] and c["uid"] == twin["uid"]
+        assert c[plan.images[0].key] == twin[plan.images[0].key]
+
+
+def test_missing_stats_file_is_an_error_by_default(bad_pool, models, tmp_path):
+    from clipsift.pipeline.embed import run_embed
+
+    with pytest.raises(formats.FormatError, match=r"00000004.tar.*on_missing_stats=process"):
+        run_embed(embed_config(bad_pool, tmp_path / "o", models), echo=quiet)
+    assert not (tmp_path / "o").exists()  # refused before writing anything
+
+
+def test_bad_input_counted_by_reason(bad_pool, models, ray_local, tmp_path):
+    from clipsift.pipeline.embed import MISSING_FROM_TAR, MISSING_STATS, run_embed
+
+    out = tmp_path / "bad-out"
+    stats = run_embed(embed_config(bad_pool, out, models, batch_size=2, on_missing_stats="process"), echo=quiet)
+    per = stats["shards"]
+    assert per["00000000"]["skipped"] == {shards.CORRUPT_IMAGE: 1, shards.DUPLICATE_KEY: 1}
+    assert per["00000000"]["rows_out"] == 2
+    assert per["00000001"]["skipped"] == {shards.BAD_TEXT: 1, shards.NO_UID: 1, shards.MISSING_TEXT: 1,
+                                          shards.BAD_JSON: 1, shards.MISSING_IMAGE: 1}
+    assert per["00000001"]["rows_out"] == 2
+    cut = per["00000002"]
+    assert cut["skipped"][shards.TRUNCATED_TAR] == 1 and cut["skipped"][MISSING_FROM_TAR] >= 1
+    assert cut["rows_in"] == 6 and cut["rows_out"] == 6 - sum(cut["skipped"].values())
+    assert per["00000003"] == {**per["00000003"], "rows_in": 0, "rows_out": 0, "skipped": {}}
+    assert per["00000004"]["rows_out"] == 3 and per["00000004"]["notes"] == {MISSING_STATS: 1}
+    for stem, m in per.items():
+        assert m["rows_in"] == m["rows_out"] + sum(m["skipped"].values()), stem
+        table = pq.read_table(out / "metadata" / f"{stem}.parquet")
+        with np.load(out / "metadata" / f"{stem}.npz") as z:
+            assert table.num_rows == m["rows_out"] == z["b32_img"].shape[0] == z["l14_txt"].shape[0]
+    empty = np.load(out / "metadata" / "00000003.npz")
+    assert empty["b32_img"].shape == (0, 128) and empty["l14_img"].shape == (0, 48)
+    assert pq.read_table(out / "metadata" / "00000000.parquet").column("uid").to_pylist() == [
+        f"{0:016x}{0:016x}", f"{0:016x}{1:016x}"]
+    details = {s["reason"]: s["detail"] for s in json.loads((out / "done" / "00000000.json").read_text())["skips"]}
+    assert details[shards.CORRUPT_IMAGE].startswith("UnidentifiedImageError")
+
+
+# ---------------------------------------------------------------- heads, resources
+def test_heads_are_looked_up_by_name_and_checked():
+    heads = build_heads({"s": HeadSpec("clip_score", "b32")}, ["b32_img", "b32_txt"])
+    a, b = torch.randn(5, 8), torch.randn(5, 8)
+    np.testing.assert_allclose(heads["s"]({"b32_img": a, "b32_txt": b}).numpy(),
+                               torch.nn.functional.cosine_similarity(a, b).numpy(), rtol=1e-6)
+    with pytest.raises(HeadError, match="needs"):
+        build_heads({"s": HeadSpec("clip_score", "l14")}, ["b32_img", "b32_txt"])
+    with pytest.raises(HeadError, match="unknown head kind"):
+        build_heads({"s": HeadSpec("no_such_head")}, [])
+    with pytest.raises(HeadError, match="cannot import"):
+        build_heads({"s": HeadSpec("clipsift.pipeline.heads:Nope")}, [])
+    # a kind can be any importable factory: the same class by path
+    assert build_heads({"s": HeadSpec("clipsift.pipeline.heads:ClipScore", "b32")}, ["b32_img", "b32_txt"])
+
+
+def test_random_weights_refused_unless_allowed(ci_world, tmp_path):
+    from clipsift.pipeline.embed import run_embed
+    from clipsift.pipeline.encoders import PlanError
+
+    cfg = embed_config(ci_world / "pool" / "shards", tmp_path, {"b32": ModelSpec("world-rn-s", "")},
+                       heads={"clip_b32_similarity_score": HeadSpec("clip_score", "b32")})
+    with pytest.raises(PlanError, match="allow_random_weights"):
+        run_embed(cfg, echo=quiet)
+
+
+def test_model_actors_never_take_every_cpu(ray_local):
+    from clipsift.pipeline.raysession import ResourceError, stage_plan
+
+    with pytest.raises(ResourceError, match="would hang"):
+        stage_plan(RayConfig(model_cpus=2), "auto")
+    sp = stage_plan(RayConfig(), "auto")
+    assert sp.model_actors == 1 and sp.read_slots == 1 and not sp.use_gpu
+
+
+# ---------------------------------------------------------------- a real kill
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_is_byte_identical(embedded, tmp_path):
+    """`clipsift embed` in a subprocess, SIGKILLed (with its Ray) after its first shard is done."""
+    from clipsift.pipeline.embed import run_embed
+
+    cfg, _ = embedded
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "clipsift", "embed", f"input={cfg.input}", f"out={out}", "batch_size=128",
+            "progress=false", "ray.num_cpus=2"] + [
+        f"models.{n}.{k}={getattr(s, k)}" for n, s in cfg.models.items() for k in ("arch", "pretrained")]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not list((out / "done").glob("*.json")) if (out / "done").is_dir() else True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "no shard finished in 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run's own process group: the CLI and the Ray it started
+        proc.wait()
+    assert 1 <= len(markers(out)) < 3
+    stats = run_embed(embed_config(Path(cfg.input), out, cfg.models), echo=quiet)
+    assert stats["shards_done"] == 3
+    for f in sorted((Path(cfg.out) / "metadata").iterdir()):
+        assert (out / "metadata" / f.name).read_bytes() == f.read_bytes(), f.name
