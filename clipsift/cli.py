@@ -21,6 +21,8 @@ from clipsift import config
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("clipsift.world.cli", "generate the embedded synthetic benchmark world (pool, tasks, ground truth)"),
     "eval": ("clipsift.eval.cli", "zero-shot evaluation of a CLIP on a DataComp-style task list"),
+    "embed": ("clipsift.pipeline.cli", "Ray pipeline: img2dataset shards -> embeddings + score columns, DataComp layout"),
+    "score": ("clipsift.pipeline.score_cli", "score heads over DataComp metadata (parquet + npz embeddings), no images"),
     "filter": ("clipsift.filters.filter_cli", "DataComp baselines, SemDeDup, NormSim over pool metadata -> a subset file"),
     "subset": ("clipsift.filters.subset_cli", "inspect, validate and convert DataComp subset files (.npy <-> hex uids)"),
     "reshard": ("clipsift.filters.reshard_cli", "pool shards + a subset -> new shards of just that subset (repeats kept)"),
