@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "subset": ("clipsift.filters.subset_cli", "inspect, validate and convert DataComp subset files (.npy <-> hex uids)"),
     "reshard": ("clipsift.filters.reshard_cli", "pool shards + a subset -> new shards of just that subset (repeats kept)"),
     "sample": ("clipsift.filters.sample_cli", "one score column -> a subset: Soft Cap Sampling, hard cap, top fraction, threshold"),
+    "train": ("clipsift.training.cli", "fixed-compute CLIP training on shards (+ a subset file) -> open_clip checkpoint"),
 }
 
 

@@ -1,0 +1,249 @@
+"""clipsift train on the ci world: checkpoints, skips, subsets with repeats, exact resume, DDP."""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from clipsift import cli, config, formats, shards
+from clipsift.runlog import read_json
+from clipsift.training import TrainConfig, checkpoint, train
+from clipsift.training.data import NOT_IN_SUBSET, MemoryData, StreamData, SubsetWeights, find_shards
+from clipsift.training.loop import cosine_lr
+from clipsift.world.generate import load_ground_truth
+
+REPO = Path(__file__).resolve().parent.parent
+# Small and quick; one thread so results do not depend on the machine's load.
+QUICK = ["progress=false", "threads=1", "batch_size=32", "samples_seen=320", "warmup=2", "log_every=1",
+         "checkpoint_every=3"]
+
+
+def make_cfg(out: Path, *overrides: str, preset: str = "ci") -> TrainConfig:
+    return config.load(TrainConfig, config.preset_path("train", preset), [f"out={out}", *QUICK, *overrides])
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(checkpoint.latest_path(run))["state_dict"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0.0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def few(ci_world, tmp_path_factory) -> dict:
+    """A subset of 200 curated uids from all shards (each once), so each run decodes only what it trains on."""
+    uids = [rec.uid for shard in find_shards(ci_world / "curated") for rec in shards.read_shard(shard)
+            if isinstance(rec, shards.Sample)][::15][:200]
+    path = tmp_path_factory.mktemp("few") / "few.npy"
+    formats.write_subset(path, uids)
+    return {"shards": ci_world / "curated" / "shards", "subset": path, "uids": uids}
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def few_data(few) -> list[str]:
+    return [f"data.shards={few['shards']}", f"data.subset={few['subset']}"]
+
+
+def test_schedule_is_warmup_then_cosine_to_zero():
+    lrs = [cosine_lr(s, 1e-3, 10, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert max(lrs) == pytest.approx(1e-3) and lrs[-1] < 1e-6
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_scale_presets_are_datacomps_fixed_compute():
+    for name, samples in (("small", 12_800_000), ("medium", 128_000_000)):
+        cfg = config.load(TrainConfig, config.preset_path("train", name))
+        assert (cfg.model, cfg.batch_size, cfg.lr, cfg.warmup, cfg.samples_seen) == ("ViT-B-32", 4096, 5e-4, 500, samples)
+        assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.wd) == (0.9, 0.98, 1e-6, 0.2)
+        assert open_clip.get_model_config(cfg.model)["vision_cfg"]["image_size"] == 224
+
+
+def test_run_writes_open_clip_checkpoint_config_and_stats(ci_world, tmp_path):
+    run = train(make_cfg(tmp_path / "run", f"data.shards={ci_world / 'pool'}"))  # a pool folder works
+    ckpt = checkpoint.latest_path(run)
+    state = checkpoint.load(ckpt)
+    assert {"state_dict", "optimizer", "epoch", "step", "name"} <= set(state) and state["step"] == 10
+    # Stock open_clip reads it (the architecture is registered by importing clipsift.training).
+    model, _, preprocess = open_clip.create_model_and_transforms("world-rn-s", pretrained=str(ckpt))
+    assert_same_weights(model.state_dict(), state["state_dict"])
+    assert open_clip.get_tokenizer("world-rn-s")(["a red star"]).shape == (1, 20)
+    # Weight decay on matrices only.
+    groups = state["optimizer"]["param_groups"]
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.1]
+
+    stats = read_json(run / "stats.json")
+    assert stats["done"] and stats["samples_seen"] == 320 and stats["steps"] == 10
+    assert [row["step"] for row in stats["log"]] == list(range(1, 11))
+    assert stats["log"][0]["lr"] == pytest.approx(1e-3) and stats["log"][1]["lr"] == pytest.approx(2e-3)
+    assert config.load(TrainConfig, run / "config.yaml") == make_cfg(run, f"data.shards={ci_world / 'pool'}")
+    assert "loss" in (run / "train.log").read_text()
+    # Every planted corrupt pool sample is counted under its reason; nothing else is lost.
+    gt = load_ground_truth(ci_world).to_pandas()
+    kinds = gt.corrupt_kind.value_counts()
+    records = stats["data"]["records"]
+    assert records["dropped"] == {shards.CORRUPT_IMAGE: kinds["truncated_jpeg"], shards.MISSING_TEXT: kinds["missing_caption"],
+                                  shards.BAD_JSON: kinds["malformed_json"]}
+    assert records["seen"] == len(gt) and records["kept"] == len(gt) - kinds[["truncated_jpeg", "missing_caption", "malformed_json"]].sum()
+
+
+def test_stream_mode_counts_undecodable_images_without_crashing(tmp_path):
+    """Garbage and truncated JPEGs in shards without stats files: counted, skipped, said."""
+    folder = tmp_path / "shards"
+    rng = np.random.default_rng(0)
+    for shard in range(2):
+        with shards.ShardWriter(folder, shard) as w:
+            for row in range(40):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+                data = buf.getvalue()
+                if row == 3:
+                    data = data[: len(data) // 2]  # truncated
+                if row == 5:
+                    data = b"not an image at all"
+                uid = f"{shard:016x}{row:016x}"
+                w.add(formats.sample_key(shard, row), data, f"picture {row}", {"uid": uid, "status": "success"})
+    (folder / formats.stats_name(1)).unlink()
+    run = train(make_cfg(tmp_path / "run", f"data.shards={folder}", "data.mode=stream", "data.workers=2",
+                         "data.shuffle_buffer=4", "samples_seen=64"))
+    stats = read_json(run / "stats.json")
+    assert stats["done"] and stats["data"]["mode"] == "stream"
+    assert stats["data"]["shards_without_stats"] == ["00000001.tar"]
+    assert stats["data"]["records"]["dropped"] == {shards.CORRUPT_IMAGE: 4}  # both shards read once each
+    assert stats["data"]["records"]["kept"] == 76
+
+
+def test_subset_repeats_set_how_often_each_uid_is_seen(few, tmp_path):
+    """A uid listed k times is seen k times as often; unlisted uids never; absent uids are counted."""
+    uids = few["uids"][::3][:60]
+    reps = {u: 1 + i % 3 for i, u in enumerate(uids)}
+    absent = "0" * 31 + "7"
+    path = tmp_path / "subset.npy"
+    formats.write_subset(path, [u for u, k in reps.items() for _ in range(k)] + [absent])
+    subset = SubsetWeights(path)
+    paths = find_shards(few["shards"])
+    per_pass = sum(reps.values())  # 120
+    memory = MemoryData(paths, 32, "world-rn-s", subset, batch_size=40, seed=3)
+    stream = StreamData(paths, 32, "world-rn-s", subset, batch_size=40, seed=3, workers=2, shuffle_buffer=8)
+    for data in (memory, stream):
+        seen = collections.Counter()
+        batches = data.batches(0)
+        for _ in range(5 * per_pass // 40):  # exactly five passes over the selected multiset
+            seen.update(next(batches).uids)
+        batches.close()
+        assert set(seen) == set(reps)
+        if data is memory:  # whole passes: exact multiples
+            assert seen == collections.Counter({u: 5 * k for u, k in reps.items()})
+        else:  # shard-level passes, a shuffle buffer carried across them: close to it
+            for u, k in reps.items():
+                assert abs(seen[u] - 5 * k) <= 2 * k, (u, seen[u], k)
+    assert memory.subset_missing == 1
+    assert memory.counts.dropped[NOT_IN_SUBSET] == memory.counts.seen - 60
+
+
+def test_same_seed_same_weights_other_seed_differs(few, tmp_path):
+    a = train(make_cfg(tmp_path / "a", *few_data(few), "samples_seen=96"))
+    b = train(make_cfg(tmp_path / "b", *few_data(few), "samples_seen=96"))
+    c = train(make_cfg(tmp_path / "c", *few_data(few), "samples_seen=96", "seed=1"))
+    assert_same_weights(weights(a), weights(b))
+    assert not torch.equal(weights(a)["logit_scale"], weights(c)["logit_scale"]) or \
+        not torch.equal(weights(a)["text_projection"], weights(c)["text_projection"])
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_stop_and_resume_gives_the_uninterrupted_weights(few, tmp_path, mode):
+    extra = [*few_data(few), f"data.mode={mode}", "data.workers=2", "data.shuffle_buffer=32"]
+    whole = train(make_cfg(tmp_path / "whole", *extra))
+    part = make_cfg(tmp_path / "part", *extra, "stop_after_steps=4")
+    train(part)
+    assert read_json(part.out + "/stats.json")["done"] is False
+    assert checkpoint.load(checkpoint.latest_path(part.out))["step"] == 4
+    with pytest.raises(FileExistsError, match="resume=latest"):
+        train(make_cfg(tmp_path / "part", *extra))  # a checkpoint is never silently overwritten
+    with pytest.raises(ValueError, match="lr"):
+        train(make_cfg(tmp_path / "part", *extra, "lr=1e-3", "resume=latest"))
+    train(make_cfg(tmp_path / "part", *extra, "resume=latest"))
+    assert_same_weights(weights(whole), weights(Path(part.out)))
+    s_whole, s_part = read_json(Path(whole) / "stats.json"), read_json(Path(part.out) / "stats.json")
+    assert s_part["done"] and s_part["resumed_at_step"] == 4
+    assert [(r["step"], r["loss"]) for r in s_part["log"]] == [(r["step"], r["loss"]) for r in s_whole["log"]]
+
+
+def test_killed_cli_run_resumes_to_the_uninterrupted_weights(few, tmp_path):
+    args = [f"-p", "ci", *QUICK, *few_data(few), "samples_seen=640", "checkpoint_every=2"]
+    whole = tmp_path / "whole"
+    assert cli.main(["train", *args, f"out={whole}"]) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "clipsift", "train", *args, f"out={killed}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = checkpoint.latest_path(killed)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_file() and checkpoint.load(ckpt)["step"] >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = checkpoint.load(ckpt)["step"]
+    assert 4 <= step < 20
+    assert cli.main(["train", *args, f"out={killed}", "--resume", "latest"]) == 0
+    assert read_json(killed / "stats.json")["resumed_at_step"] == step
+    assert_same_weights(weights(whole), weights(killed))
+
+
+def test_two_process_gloo_ddp_matches_one_process(few, tmp_path):
+    """torchrun, 2 CPU ranks of 16: the loss over the global batch of 32 and the weights match."""
+    args = ["-p", "ci", *QUICK, *few_data(few), "samples_seen=160", "data.workers=0"]
+    single = tmp_path / "single"
+    assert cli.main(["train", *args, f"out={single}"]) == 0
+    ddp = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "clipsift", "train", *args,
+                           f"out={ddp}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    s1, s2 = read_json(single / "stats.json"), read_json(ddp / "stats.json")
+    assert s2["world_size"] == 2 and s1["world_size"] == 1
+    np.testing.assert_allclose([r["loss"] for r in s2["log"]], [r["loss"] for r in s1["log"]], rtol=2e-4)
+    assert_same_weights(weights(single), weights(ddp), atol=2e-4)
+
+
+@pytest.mark.slow
+def test_ci_training_on_the_world_lifts_zero_shot_accuracy_well_above_chance(ci_world, tmp_path):
+    from clipsift.eval import ModelSpec, evaluate
+
+    cfg = config.load(TrainConfig, config.preset_path("train", "ci"),
+                      [f"data.shards={ci_world / 'curated'}", f"out={tmp_path / 'run'}", "progress=false"])
+    run = train(cfg)
+    trained = evaluate(ModelSpec("world-rn-s", str(run)), ci_world / "tasks.yaml", tmp_path / "eval", device="cpu")
+    untrained = evaluate(ModelSpec("world-rn-s", ""), ci_world / "tasks.yaml", tmp_path / "eval0", device="cpu")
+    acc = {r["name"]: r["value"] for r in trained["tasks"]}
+    acc0 = {r["name"]: r["value"] for r in untrained["tasks"]}
+    classes = {t: len(_lines(ci_world / "tasks" / t / "classnames.txt")) for t in ("shapes", "colour_shape")}
+    print(json.dumps({"trained": acc, "untrained": acc0}, indent=1))
+    assert acc["shapes"] >= 3 / classes["shapes"]  # 10 classes: >= 30% vs 10% chance
+    assert acc["colour_shape"] >= 8 / classes["colour_shape"]
+    assert trained["average"] >= untrained["average"] + 0.15

@@ -1,0 +1,75 @@
+"""The `clipsift train` config. A scale preset (configs/train/*.yaml) fixes the compute; a
+filtering strategy only changes `data` (which shards, which subset)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class DataConfig:
+    # A folder of {:08d}.tar shards in img2dataset layout (a pool, a resharded subset, curated
+    # shards), or a folder holding shards/ (e.g. WORLD/pool).
+    shards: str = ""
+    # Optional DataComp subset .npy (u8,u8 uids, sorted). Only listed uids are used; a uid listed
+    # k times is seen k times as often. None: every readable sample once per pass.
+    subset: str | None = None
+    # memory: decode every selected sample once into a uint8 tensor (fast, exact resume; for the
+    # small worlds). stream: decode in DataLoader workers while training (large data).
+    # auto: memory when the decoded samples fit in memory_limit_gb.
+    mode: Literal["auto", "memory", "stream"] = "auto"
+    memory_limit_gb: float = 4.0
+    workers: int = 2  # DataLoader decode processes (0: decode in the training process)
+    shuffle_buffer: int = 4096  # stream mode: samples mixed across shards in each worker
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/train"  # run directory: checkpoints/, config.yaml, stats.json, train.log
+    model: str = "world-rn-s"  # open_clip architecture (world-rn-s/-l/-s64/-l64 or e.g. ViT-B-32)
+    seed: int = 0  # model init and data order
+    data: DataConfig = field(default_factory=DataConfig)
+    # Fixed compute: these define a scale and must not change between strategies.
+    samples_seen: int = 25_600  # steps = samples_seen // batch_size
+    batch_size: int = 128  # global batch (split evenly over DDP ranks)
+    lr: float = 2e-3
+    warmup: int = 20  # linear warmup steps, then cosine decay to 0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    wd: float = 0.2  # on >=2-D weights only
+    grad_clip_norm: float | None = None
+    # Execution: these do not change what is learned (up to floating point).
+    device: str = "auto"  # auto: cuda when available, else cpu
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
+    threads: int | None = None  # torch CPU threads per process (None: cores / local processes; 1 on a busy machine)
+    sync_bn: bool = True  # DDP: batch norm over the global batch (matches one process exactly)
+    checkpoint_every: int = 100  # steps between atomic checkpoints (and always at the end)
+    resume: str | None = None  # "latest" (<out>/checkpoints/epoch_latest.pt) or a checkpoint path
+    stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps: a planned interruption
+    log_every: int = 10
+    progress: bool = True  # tqdm bar on stderr
+
+
+# Keys that may differ between a run and its resumption (they do not change the result).
+RESUME_FREE_KEYS = frozenset(
+    {"out", "resume", "stop_after_steps", "checkpoint_every", "log_every", "progress", "threads", "device",
+     "data.workers", "data.memory_limit_gb"}
+)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys (dotted) whose values differ and that would change what is learned."""
+    a, b = flat_config(saved), flat_config(current)
+    return sorted(k for k in set(a) | set(b) if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k))
+
+
+def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out

@@ -1,0 +1,410 @@
+"""Training data: shards (+ optional DataComp subset) -> an endless, seeded stream of global batches.
+
+Two ways to feed the model, with the same selection rules and the same skip accounting:
+
+- MemoryData decodes every selected sample once (in DataLoader worker processes) into a uint8
+  image tensor and a token tensor. The order is a pure function of (seed, step): pass e is a
+  seeded permutation of the selected multiset, passes are concatenated and cut into batches. So
+  resuming needs nothing but the step, and DDP ranks slice the same global batch. For the
+  synthetic worlds (32x32x3 bytes a sample) this is the fast path.
+- StreamData decodes in DataLoader workers while the model trains, for data that does not fit in
+  memory. Each pass visits the shards in a seeded order, dealt round-robin to the workers of all
+  ranks; a worker shuffles its samples through a seeded buffer and yields whole batches, which the
+  DataLoader hands over in worker order. The stream is therefore a pure function of (seed,
+  workers, ranks), and a resumed run fast-forwards each worker past the batches already trained.
+
+Selection: with a subset file, a sample whose uid appears k times there is used k times per pass
+(weight k; uids not listed: weight 0, counted as not_in_subset). Without one, every readable
+sample has weight 1 (a resharded subset already holds its repeats as separate samples).
+Unusable samples are counted by read_shard's reasons plus CORRUPT_IMAGE (decode failed).
+"""
+from __future__ import annotations
+
+import functools
+import io
+import logging
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from clipsift import formats, shards
+from clipsift.runlog import Counts
+
+log = logging.getLogger("clipsift.training")
+
+NOT_IN_SUBSET = "not_in_subset"  # readable, but the subset gives it weight 0
+
+
+# ---------------------------------------------------------------- inputs
+def find_shards(path: str | Path) -> list[Path]:
+    """The {:08d}.tar shards in `path`, or in `path`/shards (so a pool folder works too)."""
+    if not str(path):
+        raise ValueError("data.shards is required: a folder of {:08d}.tar webdataset shards")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data.shards: {folder} is not a folder")
+    found = formats.list_shards(folder) or formats.list_shards(folder / "shards")
+    if not found:
+        raise FileNotFoundError(f"data.shards: no {{:08d}}.tar shards in {folder} or {folder / 'shards'}")
+    return found
+
+
+def shards_without_stats(paths: list[Path]) -> list[str]:
+    """Shards lacking {:08d}_stats.json. DataComp's tools skip these silently; we read them and say so."""
+    return [p.name for p in paths if shards.read_stats(p.parent, formats.shard_index(p)) is None]
+
+
+def estimated_samples(paths: list[Path]) -> int:
+    """Samples in the shards per their _stats.json (a full shard assumed where it is missing)."""
+    total = 0
+    for p in paths:
+        stats = shards.read_stats(p.parent, formats.shard_index(p))
+        total += int(stats.get("successes", stats.get("count", 0))) if stats else formats.SAMPLES_PER_SHARD
+    return total
+
+
+class SubsetWeights:
+    """uid -> how many times a DataComp subset file lists it (0 if absent)."""
+
+    def __init__(self, path: str | Path):
+        arr = formats.read_subset(path)  # validates dtype and order
+        self.path = str(path)
+        self.total = int(arr.shape[0])
+        self.keys, self.counts = np.unique(np.asarray(arr), return_counts=True)
+
+    def lookup(self, uids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(weight per uid, indices of the distinct subset entries that were found)."""
+        q = formats.uids_to_u8u8(uids)
+        pos = np.minimum(np.searchsorted(self.keys, q), max(len(self.keys) - 1, 0))  # (f0, f1) lexicographic
+        hit = self.keys[pos] == q if len(self.keys) else np.zeros(len(q), bool)
+        return np.where(hit, self.counts[pos] if len(self.keys) else 0, 0).astype(np.int64), pos[hit]
+
+
+# ---------------------------------------------------------------- decoding
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Encoded image -> uint8 [3, size, size]: shortest side resized to `size` (bicubic), centre
+    crop, as open_clip's eval preprocessing does. Raises on any undecodable input."""
+    img = Image.open(io.BytesIO(data))
+    img.load()  # a truncated file raises here rather than decoding garbage
+    img = img.convert("RGB")
+    if img.size != (size, size):
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms import InterpolationMode
+
+        img = TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.BICUBIC), [size, size])
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer(model: str):
+    from clipsift.training.models import register_model_configs
+    import open_clip
+
+    register_model_configs()
+    return open_clip.get_tokenizer(model)
+
+
+@dataclass
+class DecodedShard:
+    """The usable samples of one shard (weight > 0), plus what happened to every record."""
+
+    uids: list[str]
+    images: np.ndarray  # uint8 [n, 3, S, S]
+    texts: list[str]
+    weights: np.ndarray  # int64 [n]
+    counts: dict[str, Any]
+    subset_hits: np.ndarray  # distinct subset entries found in this shard
+
+
+def decode_shard(path: Path, size: int, subset: SubsetWeights | None) -> DecodedShard:
+    counts = Counts()
+    records = []
+    for rec in shards.read_shard(path):
+        if isinstance(rec, shards.Skip):
+            counts.drop(rec.reason)
+        else:
+            records.append(rec)
+    if subset is not None:
+        weights, hits = subset.lookup([r.uid for r in records])
+    else:
+        weights, hits = np.ones(len(records), np.int64), np.zeros(0, np.int64)
+    uids, images, texts, kept_w = [], [], [], []
+    for rec, w in zip(records, weights):
+        if w == 0:
+            counts.drop(NOT_IN_SUBSET)
+            continue
+        try:
+            image = decode_image(rec.image, size)
+        except Exception as e:  # undecodable bytes of any kind: count it, never crash
+            counts.drop(shards.CORRUPT_IMAGE)
+            log.debug("%s %s: %s: %s", path.name, rec.key, shards.CORRUPT_IMAGE, f"{type(e).__name__}: {e}")
+            continue
+        counts.keep()
+        uids.append(rec.uid)
+        images.append(image)
+        texts.append(rec.text)
+        kept_w.append(int(w))
+    return DecodedShard(
+        uids=uids,
+        images=np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
+        texts=texts,
+        weights=np.asarray(kept_w, np.int64),
+        counts=counts.as_dict(),
+        subset_hits=hits,
+    )
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 [b, 3, S, S]
+    tokens: torch.Tensor  # int64 [b, context]
+    uids: list[str]
+    counts: dict[str, Any] | None = None  # stream mode: records read while filling this batch
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [b,3,S,S] -> float, normalised as open_clip's preprocessing does (mean/std per channel)."""
+    return (images.float().div_(255) - mean[None, :, None, None]) / std[None, :, None, None]
+
+
+# ---------------------------------------------------------------- memory mode
+class _ShardDecoder(Dataset):
+    def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None):
+        self.paths, self.size, self.model, self.subset = paths, size, model, subset
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[DecodedShard, torch.Tensor]:
+        d = decode_shard(self.paths[i], self.size, self.subset)
+        tokens = tokenizer(self.model)(d.texts) if d.texts else torch.zeros(0, 0, dtype=torch.long)
+        return d, tokens.to(torch.int32)
+
+
+class SampleOrder:
+    """Which selected samples form the global batch of each step: a pure function of (seed, step).
+
+    The multiset (sample i repeated weights[i] times) is permuted afresh for every pass with
+    seed (seed, pass) and the passes are concatenated, so over a run every sample is seen in
+    proportion to its weight and a subset smaller than the budget is simply repeated.
+    """
+
+    def __init__(self, weights: np.ndarray, batch_size: int, seed: int):
+        self.multiset = np.repeat(np.arange(len(weights), dtype=np.int64), weights)
+        if self.multiset.size == 0:
+            raise ValueError("no usable samples selected: nothing to train on")
+        self.batch_size, self.seed = batch_size, seed
+        self._pass: tuple[int, np.ndarray] | None = None
+
+    @property
+    def pass_size(self) -> int:
+        return int(self.multiset.size)
+
+    def _permutation(self, p: int) -> np.ndarray:
+        if self._pass is None or self._pass[0] != p:
+            self._pass = (p, self.multiset[np.random.default_rng([self.seed, p]).permutation(self.multiset.size)])
+        return self._pass[1]
+
+    def indices(self, step: int) -> np.ndarray:
+        start, stop = step * self.batch_size, (step + 1) * self.batch_size
+        out = []
+        while start < stop:
+            p, offset = divmod(start, self.pass_size)
+            take = min(stop - start, self.pass_size - offset)
+            out.append(self._permutation(p)[offset : offset + take])
+            start += take
+        return np.concatenate(out)
+
+
+class MemoryData:
+    """Every selected sample decoded once; batches are gathers from the in-memory tensors."""
+
+    mode = "memory"
+
+    def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None,
+                 batch_size: int, seed: int, rank: int = 0, world_size: int = 1, workers: int = 0,
+                 progress: bool = False):
+        from tqdm import tqdm
+
+        self.counts = Counts()
+        hits: list[np.ndarray] = []
+        uids: list[str] = []
+        images, tokens, weights = [], [], []
+        loader = DataLoader(_ShardDecoder(paths, size, model, subset), batch_size=None, num_workers=workers,
+                            collate_fn=lambda x: x)
+        for d, tok in tqdm(loader, total=len(paths), desc="decode shards", unit="shard", disable=not progress):
+            self.counts.merge(d.counts)
+            hits.append(d.subset_hits)
+            uids += d.uids
+            images.append(torch.from_numpy(d.images))
+            tokens.append(tok)
+            weights.append(d.weights)
+        self.uids = uids
+        self.images = torch.cat(images)
+        self.tokens = torch.cat([t for t in tokens if t.numel()]) if uids else torch.zeros(0, 1, dtype=torch.int32)
+        self.weights = np.concatenate(weights)
+        self.subset_missing = (len(subset.keys) - len(np.unique(np.concatenate(hits)))) if subset else 0
+        self.order = SampleOrder(self.weights, batch_size, seed)
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by {world_size} ranks")
+        self.local = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+
+    def to(self, device: torch.device) -> "MemoryData":
+        """Keep the decoded samples on the accelerator: batches never wait for the host."""
+        self.images, self.tokens = self.images.to(device), self.tokens.to(device)
+        return self
+
+    def batches(self, start_step: int) -> Iterator[Batch]:
+        for step in count(start_step):
+            idx = self.order.indices(step)[self.local]
+            sel = torch.from_numpy(idx).to(self.images.device)
+            yield Batch(self.images[sel], self.tokens[sel].long(), [self.uids[i] for i in idx])
+
+    def duplicates_in_batch(self, steps: int) -> int:
+        """Samples that were a repeat of another in the same global batch (false negatives for the loss)."""
+        return int(sum(len(ix) - len(np.unique(ix)) for ix in map(self.order.indices, range(steps))))
+
+    def stats(self) -> dict[str, Any]:
+        return {"mode": self.mode, "records": self.counts.as_dict(), "selected_samples": len(self.uids),
+                "selected_with_repeats": self.order.pass_size, "subset_uids_missing": int(self.subset_missing),
+                "bytes_in_memory": int(self.images.numel() + self.tokens.numel() * 4)}
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- stream mode
+class _ShardStream(IterableDataset):
+    """Endless batches from the shards dealt to this worker (see the module docstring)."""
+
+    def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None, batch_size: int,
+                 seed: int, rank: int, world_size: int, start_step: int, shuffle_buffer: int):
+        self.paths, self.size, self.model, self.subset = paths, size, model, subset
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.start_step, self.shuffle_buffer = start_step, shuffle_buffer
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        lane, lanes = self.rank * workers + worker, self.world_size * workers
+        # The DataLoader takes batch s from worker s % workers: skip the ones already trained on.
+        skip = len(range(worker, self.start_step, workers))
+        for i, batch in enumerate(self._batches(lane, lanes)):
+            if i >= skip:
+                yield batch
+
+    def _samples(self, lane: int, lanes: int) -> Iterator[tuple[str, np.ndarray, str] | dict]:
+        empty_passes = 0
+        for p in count():
+            order = np.random.default_rng([self.seed, p]).permutation(len(self.paths))
+            produced = 0
+            for shard in order[lane::lanes]:
+                d = decode_shard(self.paths[shard], self.size, self.subset)
+                yield d.counts
+                for uid, image, text, w in zip(d.uids, d.images, d.texts, d.weights):
+                    for _ in range(w):
+                        produced += 1
+                        yield uid, image, text
+            # A lane whose shards hold none of the selection this pass gets others next pass.
+            empty_passes = 0 if produced else empty_passes + 1
+            if empty_passes == 10:
+                raise RuntimeError(f"stream lane {lane}/{lanes}: 10 passes over its shards gave no usable sample; "
+                                   "the selection is empty or sits in a few shards (use data.mode=memory)")
+
+    def _batches(self, lane: int, lanes: int) -> Iterator[Batch]:
+        rng = np.random.default_rng([self.seed, 1_000_003, lane])
+        buffer: list[tuple[str, np.ndarray, str]] = []
+        pending, counts = [], Counts()
+        for item in self._samples(lane, lanes):
+            if isinstance(item, dict):
+                counts.merge(item)
+                continue
+            buffer.append(item)
+            if len(buffer) < self.shuffle_buffer:
+                continue
+            j = int(rng.integers(len(buffer)))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            pending.append(buffer.pop())
+            if len(pending) == self.batch_size:
+                uids, images, texts = zip(*pending)
+                yield Batch(torch.from_numpy(np.stack(images)), tokenizer(self.model)(list(texts)), list(uids),
+                            counts.as_dict())
+                pending, counts = [], Counts()
+
+
+class StreamData:
+    """Batches decoded by DataLoader workers while the model trains (prefetched, pinned on cuda)."""
+
+    mode = "stream"
+
+    def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None,
+                 batch_size: int, seed: int, rank: int = 0, world_size: int = 1, workers: int = 2,
+                 shuffle_buffer: int = 4096, pin_memory: bool = False):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by {world_size} ranks")
+        lanes = world_size * max(workers, 1)
+        if len(paths) < lanes:
+            raise ValueError(f"stream mode needs at least workers x ranks = {lanes} shards, found {len(paths)}; "
+                             "use data.mode=memory or fewer data.workers")
+        self.args = dict(paths=paths, size=size, model=model, subset=subset, batch_size=batch_size // world_size,
+                         seed=seed, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer)
+        if subset is not None and subset.total == 0:
+            raise ValueError(f"{subset.path}: the subset is empty; nothing to train on")
+        self.workers, self.pin_memory = workers, pin_memory
+        self.counts = Counts()
+        self.subset = subset
+
+    def batches(self, start_step: int) -> Iterator[Batch]:
+        stream = _ShardStream(start_step=start_step, **self.args)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+                            prefetch_factor=4 if self.workers else None, persistent_workers=False)
+        for batch in loader:
+            self.counts.merge(batch.counts)
+            yield batch
+
+    def stats(self) -> dict[str, Any]:
+        # Counted per read: a shard read in three passes counts its records three times.
+        return {"mode": self.mode, "records": self.counts.as_dict(), "workers": self.workers,
+                "shuffle_buffer": self.args["shuffle_buffer"]}
+
+    def state(self) -> dict[str, Any]:
+        return {"records": self.counts.as_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.counts = Counts()
+        if state.get("records"):
+            self.counts.merge(state["records"])
+
+
+def open_data(data_cfg, model: str, size: int, context_bytes: int, batch_size: int, seed: int, rank: int = 0,
+              world_size: int = 1, progress: bool = False, pin_memory: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Resolve shards, subset and mode; returns (MemoryData | StreamData, notes for stats.json)."""
+    paths = find_shards(data_cfg.shards)
+    missing_stats = shards_without_stats(paths)
+    if missing_stats:
+        log.warning("%d shard(s) have no _stats.json (DataComp's tools would silently skip them); reading them "
+                    "anyway: %s", len(missing_stats), ", ".join(missing_stats[:5]))
+    subset = SubsetWeights(data_cfg.subset) if data_cfg.subset else None
+    mode = data_cfg.mode
+    if mode == "auto":
+        need = estimated_samples(paths) * (3 * size * size + context_bytes)
+        mode = "memory" if need <= data_cfg.memory_limit_gb * 2**30 else "stream"
+    notes = {"shards": len(paths), "shards_without_stats": missing_stats, "subset": data_cfg.subset,
+             "subset_entries": subset.total if subset else None}
+    if mode == "memory":
+        data = MemoryData(paths, size, model, subset, batch_size, seed, rank, world_size, data_cfg.workers, progress)
+        if data.subset_missing:
+            log.warning("%d distinct subset uids are not in the shards (not downloaded?)", data.subset_missing)
+    else:
+        data = StreamData(paths, size, model, subset, batch_size, seed, rank, world_size, data_cfg.workers,
+                          data_cfg.shuffle_buffer, pin_memory)
+    return data, notes

@@ -1,0 +1,83 @@
+"""AdamW as a pure function of the gradient, so a training step can sit inside an autograd graph.
+
+FLYT differentiates the downstream loss through one reference-model update, θ' = AdamW(θ, g).
+`adamw_step` computes exactly what torch.optim.AdamW computes (decoupled weight decay, bias-
+corrected moments), but out of place: the new moments and θ' are functions of g in the graph,
+while the history (previous moments, step count) enters as constants. `AdamWState` holds that
+history between steps and is what the checkpoint saves.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AdamWHyper:
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    wd: float = 0.2  # applied only to the names in `decay` (weights with ndim >= 2)
+
+
+@dataclass
+class AdamWState:
+    """Per-parameter first and second moments and the number of steps taken (all detached)."""
+
+    exp_avg: Params = field(default_factory=dict)
+    exp_avg_sq: Params = field(default_factory=dict)
+    step: int = 0
+
+    @classmethod
+    def zeros_like(cls, params: Params) -> "AdamWState":
+        return cls({k: torch.zeros_like(v) for k, v in params.items()},
+                   {k: torch.zeros_like(v) for k, v in params.items()}, 0)
+
+    def state_dict(self) -> dict:
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "step": self.step}
+
+    @classmethod
+    def from_state_dict(cls, d: dict, device: torch.device | str = "cpu") -> "AdamWState":
+        return cls({k: v.to(device) for k, v in d["exp_avg"].items()},
+                   {k: v.to(device) for k, v in d["exp_avg_sq"].items()}, int(d["step"]))
+
+
+def decayed_names(params: Params) -> frozenset[str]:
+    """Weight decay on matrices and conv kernels only (as training.models.param_groups)."""
+    return frozenset(k for k, v in params.items() if v.ndim >= 2)
+
+
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    # d sqrt(x)/dx is infinite at 0, and 0 * inf = NaN would poison the whole hypergradient for
+    # a parameter whose gradient is exactly 0 (unused token embeddings on the first step). Where
+    # x == 0 the value is 0 and the derivative is taken as 0 (a subgradient of |g| at g = 0).
+    pos = x > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def adamw_step(params: Params, grads: Params, state: AdamWState, hp: AdamWHyper,
+               decay: frozenset[str]) -> tuple[Params, Params, Params]:
+    """One AdamW update, out of place: returns (θ', new exp_avg, new exp_avg_sq).
+
+    θ' = θ (1 - lr wd) - lr m̂ / (sqrt(v̂) + eps),  m = β1 m₀ + (1-β1) g,  v = β2 v₀ + (1-β2) g²,
+    m̂ = m / (1 - β1^t), v̂ = v / (1 - β2^t), t = state.step + 1. Differentiable in params and grads;
+    state holds constants. Same arithmetic as torch.optim.AdamW (tests check it to rounding).
+    """
+    t = state.step + 1
+    bc1 = 1 - hp.beta1 ** t
+    bc2_sqrt = math.sqrt(1 - hp.beta2 ** t)
+    new_params, new_m, new_v = {}, {}, {}
+    for name, p in params.items():
+        g = grads[name]
+        m = state.exp_avg[name].to(g.dtype) * hp.beta1 + (1 - hp.beta1) * g
+        v = state.exp_avg_sq[name].to(g.dtype) * hp.beta2 + (1 - hp.beta2) * g * g
+        denom = _safe_sqrt(v) / bc2_sqrt + hp.eps
+        shrink = 1 - hp.lr * hp.wd if name in decay else 1.0
+        new_params[name] = p * shrink - (hp.lr / bc1) * m / denom
+        new_m[name], new_v[name] = m, v
+    return new_params, new_m, new_v

@@ -1,0 +1,228 @@
+"""FLYT's hypergradient: how the downstream loss after one reference-model step depends on the
+upstream example weights, computed without a Hessian.
+
+Objective (flyt.md): J(φ) = L_down(θ'), θ' = AdamW(θ, g(w)), g(w) = ∇θ L_up(θ; w), w = softmax(q_φ(Ψ)).
+
+By the chain rule dJ/dw = (∂θ'/∂g · ∂g/∂w)ᵀ ∇θ' L_down, computed in three passes:
+
+  1. g = ∇θ L_up(θ; w), detached (one forward + backward of the reference model).
+  2. v = ∂ L_down(AdamW(θ, g)) / ∂g — autograd through the (element-wise) AdamW update and one
+     forward + backward on the downstream batch. Also gives ∂J/∂ρ of the downstream head.
+  3. d = dJ/dw = ∂/∂w ⟨∇θ L_up(θ; w), v⟩. L_up depends on θ only through the batch embeddings
+     E = (u, t, τ) = f_θ(x), so ⟨∇θ L_up, v⟩ = ⟨∇_E L_up(E; w), Ė⟩ with Ė = J_θ f · v, the JVP of
+     the embeddings along v (one forward-mode pass through the model). What is left is a mixed
+     second derivative of a function of a few [B, D] tensors, taken with torch.func at
+     embedding level.
+  Then ∇φ J = VJP of w = softmax(q_φ(Ψ)) with d (left to the caller: `scorer_backward`).
+
+`brute_force_objective` builds J with create_graph=True through the unrolled update instead;
+tests check the two agree. Everything is written for data parallelism: `Comm` gathers the
+global batch (the softmax of the weights is over the global batch) and sums per-rank gradients;
+in one process it is the identity.
+
+The model must be a function of its parameters and the batch only: FLYT runs the reference
+CLIP in eval mode (BatchNorm uses its running statistics, which stay fixed; there is no dropout
+in open_clip's CLIPs by default). BatchNorm in train mode would still be covered by the maths
+(E is then a function of the whole batch), but its running-statistics side effects do not mix
+with torch.func, and it couples ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, Params, adamw_step
+from clipsift.training.flyt.losses import weighted_clip_loss
+
+Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (images [B,D], texts [B,D], τ scalar)
+
+
+class FunctionalCLIP:
+    """An open_clip CLIP called with explicit parameters: (θ, images, tokens) -> (u, t, τ)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.buffers = dict(model.named_buffers())
+
+    def params(self) -> Params:
+        return {k: p.detach() for k, p in self.model.named_parameters() if p.requires_grad}
+
+    def __call__(self, params: Params, images: torch.Tensor, tokens: torch.Tensor) -> Embeddings:
+        out = functional_call(self.model, (params, self.buffers), (images, tokens))
+        if isinstance(out, dict):
+            return out["image_features"], out["text_features"], out["logit_scale"]
+        return out[0], out[1], out[2]
+
+    def load(self, params: Params) -> None:
+        """Copy θ' into the module (the reference model keeps training)."""
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if name in params:
+                    p.copy_(params[name])
+
+
+class Comm:
+    """Collectives over the data-parallel group; the identity in one process."""
+
+    def __init__(self, use_dist: bool = True) -> None:
+        self.distributed = use_dist and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+
+    def gather(self, x: torch.Tensor, keep_grad: bool = False) -> torch.Tensor:
+        """Concatenate every rank's rows (rank order). keep_grad: this rank's rows stay in the
+        graph, so a loss on the global batch sends gradient into the local rows only."""
+        if not self.distributed:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.detach().contiguous())
+        if keep_grad:
+            parts[self.rank] = x
+        return torch.cat(parts)
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        if self.distributed:
+            for t in tensors:
+                dist.all_reduce(t)
+
+    def mean_(self, tensors: list[torch.Tensor]) -> None:
+        if self.distributed:
+            for t in tensors:
+                dist.all_reduce(t)
+                t.div_(self.world_size)
+
+    def local_rows(self, n_global: int) -> slice:
+        per = n_global // self.world_size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+LOCAL = Comm(use_dist=False)
+
+
+@dataclass
+class StepResult:
+    d: torch.Tensor  # dJ/dw over the global batch
+    params: Params  # θ' (detached): the reference model after the step
+    state: AdamWState  # AdamW history after the step
+    extra_grads: list[torch.Tensor]  # ∂J/∂ of the downstream head's own parameters (ρ)
+    up_loss: float  # L_up(θ; w)
+    down_loss: float  # L_down(θ') (this rank's share)
+
+
+DownLoss = Callable[[Params], torch.Tensor]  # θ' -> downstream loss (closes over batch and ρ)
+Project = Callable[[Params], Params]  # applied to θ' after the update (the logit-scale clamp)
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """Up-cast autocast outputs (bf16/fp16) to fp32 for the losses; fp32/fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _with_zeros(grads, params: Params) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
+
+
+def _global_embeddings(fmodel: FunctionalCLIP, params: Params, images: torch.Tensor, tokens: torch.Tensor,
+                       comm: Comm, amp: ContextManager) -> Embeddings:
+    with amp:
+        u, t, tau = fmodel(params, images, tokens)
+    # τ is one shared parameter: only rank 0 lets its gradient through, so the sum over ranks
+    # counts it once.
+    tau = _full(tau) if comm.rank == 0 else _full(tau).detach()
+    return comm.gather(_full(u), keep_grad=True), comm.gather(_full(t), keep_grad=True), tau
+
+
+def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState, hp: AdamWHyper,
+                       decay: frozenset[str], images: torch.Tensor, tokens: torch.Tensor, w: torch.Tensor,
+                       down_loss: DownLoss, down_params: list[torch.Tensor] = (), project: Project | None = None,
+                       comm: Comm = LOCAL, amp: Callable[[], ContextManager] = contextlib.nullcontext) -> StepResult:
+    """One FLYT step for the reference model: θ' and dJ/dw (see the module docstring).
+
+    params: θ (detached); images/tokens: this rank's rows of the upstream batch; w: weights of the
+    global batch (detached, Σ w = 1); down_loss(θ') -> this rank's downstream loss; down_params:
+    leaves of the downstream head (ρ) whose gradients are returned; amp: a context factory for
+    the model's forward passes (bf16 autocast on GPU).
+    """
+    names = list(params)
+    w = w.detach()
+
+    # 1. g = ∇θ L_up(θ; w), summed over ranks.
+    theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    u, t, tau = _global_embeddings(fmodel, theta, images, tokens, comm, amp())
+    up = weighted_clip_loss(u, t, tau, w)
+    g = _with_zeros(torch.autograd.grad(up, list(theta.values()), allow_unused=True), theta)
+    comm.sum_(g)
+    del theta, u, t, tau
+
+    # 2. v = ∂ L_down(AdamW(θ, g)) / ∂g (averaged over ranks), and ∂J/∂ρ.
+    g_leaf = {k: x.detach().requires_grad_(True) for k, x in zip(names, g)}
+    new_params, exp_avg, exp_avg_sq = adamw_step(params, g_leaf, state, hp, decay)
+    if project is not None:
+        new_params = project(new_params)
+    with amp():
+        down = down_loss(new_params)
+    leaves = list(g_leaf.values()) + list(down_params)
+    grads = torch.autograd.grad(_full(down), leaves, allow_unused=True)
+    grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, leaves)]
+    comm.mean_(grads)
+    v = dict(zip(names, grads[: len(names)]))
+
+    # 3. Ė = J_θ f · v (forward mode; the math SDPA kernel is the one with forward-mode AD), then
+    #    d = ∂/∂w ⟨∇_E L_up(E; w), Ė⟩ at embedding level.
+    def embed(p: Params) -> Embeddings:
+        with amp():
+            u_, t_, tau_ = fmodel(p, images, tokens)
+        return _full(u_), _full(t_), _full(tau_)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        (u, t, tau), (du, dt, dtau) = jvp(embed, ({k: x.detach() for k, x in params.items()},), (v,))
+    u, t, du, dt = (comm.gather(x.detach()) for x in (u, t, du, dt))
+    tau, dtau = tau.detach(), dtau.detach()
+
+    def directional(w_: torch.Tensor) -> torch.Tensor:
+        return jvp(lambda a, b, c: weighted_clip_loss(a, b, c, w_), (u, t, tau), (du, dt, dtau))[1]
+
+    d = torch.func.grad(directional)(w)
+
+    new_state = AdamWState({k: x.detach() for k, x in exp_avg.items()},
+                           {k: x.detach() for k, x in exp_avg_sq.items()}, state.step + 1)
+    return StepResult(d=d, params={k: x.detach() for k, x in new_params.items()}, state=new_state,
+                      extra_grads=grads[len(names):], up_loss=float(up.detach()), down_loss=float(down.detach()))
+
+
+def scorer_backward(scores_local: torch.Tensor, d: torch.Tensor, comm: Comm = LOCAL) -> torch.Tensor:
+    """∇φ J: the VJP of w = softmax(global scores) with d, into this rank's rows of the scorer.
+
+    Accumulates into the scorer's .grad (the caller sums them over ranks); returns w.
+    """
+    s = comm.gather(_full(scores_local), keep_grad=True)
+    w = torch.softmax(s, dim=0)
+    w.backward(d)
+    return w.detach()
+
+
+def brute_force_objective(fmodel: FunctionalCLIP, params: Params, state: AdamWState, hp: AdamWHyper,
+                          decay: frozenset[str], images: torch.Tensor, tokens: torch.Tensor, w: torch.Tensor,
+                          down_loss: DownLoss, project: Project | None = None) -> torch.Tensor:
+    """J = L_down(AdamW(θ, ∇θ L_up(θ; w))) with the whole update in the graph (create_graph=True).
+
+    Differentiating this with autograd is the reference the efficient path is tested against:
+    it materialises Hessian-vector products and costs far more memory, so it is for tests only.
+    """
+    theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    with sdpa_kernel(SDPBackend.MATH):  # double backward through attention
+        u, t, tau = fmodel(theta, images, tokens)
+        up = weighted_clip_loss(u, t, tau, w)
+        g = torch.autograd.grad(up, list(theta.values()), create_graph=True, allow_unused=True)
+        g = dict(zip(theta, _with_zeros(g, theta)))
+        new_params, _, _ = adamw_step(theta, g, state, hp, decay)
+        if project is not None:
+            new_params = project(new_params)
+        return down_loss(new_params)
