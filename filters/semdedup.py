@@ -21,7 +21,7 @@ import numpy as np
 from clipsift import config
 from clipsift.filters import kmeans
 from clipsift.filters.base import Batch, Filter, FilterError, Needs, Pool, Verdict, register
-from clipsift.runlog import atomic_path, read_json, write_json
+from clipsift.runlog import Timer, atomic_path, read_json, write_json
 
 
 def dedup_ordered(x: np.ndarray, threshold: float, tile: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,11 +91,14 @@ class SemDeDup(Filter):
     def fit(self, pool: Pool) -> dict[str, Any]:
         seed = self.ctx.seed if self.seed is None else self.seed
         work = self._work_dir(pool, seed)
-        x = np.concatenate([kmeans.normalize(b.embedding(self.embedding)).astype(np.float16)
-                            for b in pool.batches(set(), {self.embedding}, self.ctx.batch_size)])
+        timer = Timer()
+        with timer("gather"):
+            x = np.concatenate([kmeans.normalize(b.embedding(self.embedding)).astype(np.float16)
+                                for b in pool.batches(set(), {self.embedding}, self.ctx.batch_size)])
         k = self.clusters or max(1, len(x) // 1000)
         report: dict[str, Any] = {"clusters": k, "epsilon": self.epsilon, "order": self.order}
-        labels, sims = self._cluster(x, k, seed, work, report)
+        with timer("kmeans_and_assign"):
+            labels, sims = self._cluster(x, k, seed, work, report)
         # Visiting order: by cluster, then (far from centroid first | pool order), then row.
         rows = np.arange(len(x))
         key = sims if self.order == "far_from_centroid" else np.zeros(len(x), np.float32)
@@ -113,7 +116,8 @@ class SemDeDup(Filter):
                     dropped, dup_of, sim = z["dropped"], z["dup_of"], z["sim"]
                 resumed += 1
             else:
-                dropped, dup_of, sim = self._dedup_clusters(x, order, bounds, g0, g1)
+                with timer("dedup"):
+                    dropped, dup_of, sim = self._dedup_clusters(x, order, bounds, g0, g1)
                 if path is not None:
                     with atomic_path(path) as tmp:
                         with open(tmp, "wb") as f:
@@ -124,7 +128,7 @@ class SemDeDup(Filter):
         sizes = np.diff(bounds)
         report.update(dropped=int(self._drop.sum()), largest_cluster=int(sizes.max()),
                       empty_clusters=int((sizes == 0).sum()), cluster_files_resumed=resumed,
-                      cluster_files_computed=computed)
+                      cluster_files_computed=computed, seconds=timer.as_dict())
         return report
 
     def _cluster(self, x: np.ndarray, k: int, seed: int, work: Path | None, report: dict) -> tuple[np.ndarray, np.ndarray]:
