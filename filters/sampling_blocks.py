@@ -13,7 +13,7 @@ Why it is exact, in three steps:
    same law). Any prefix of the first-occurrence sequence is exact, so we may draw more i.i.d.
    samples than needed and keep the first `need` new items; when a batch of draws runs short we
    continue with p restricted to the unseen items (the same sequence with seen items skipped).
-2. i.i.d. draws from p by rejection: propose block B with probability ∝ m * exp(env_B), an item j
+2. i.i.d. draws from p by rejection: propose block B with probability ∝ size_B * exp(env_B), item j
    uniformly inside it, and accept with probability exp(l_j - env_B). When env_B >= l_j for every
    item of the block, an accepted draw is exactly p-distributed (standard rejection sampling);
    items already drawn this round get acceptance 0, which gives p restricted to unseen items.
@@ -22,8 +22,8 @@ Why it is exact, in three steps:
    tighten it (recompute the max of the blocks where proposals were rejected) when the
    acceptance rate drops, and sampling stays exact whatever the envelope is.
 
-Items are grouped by score before being cut into blocks of m (an 8-bit radix sort into 256 score
-bands of equal width), so the items of a block have nearly equal scores, its envelope is tight
+Items are grouped by score before being cut into blocks of m (a 16-bit radix sort into 65536
+score bands of equal width), so the items of a block have nearly equal scores, its envelope is tight
 and acceptance stays high. Blocks are picked with a guide table over their CDF (O(1) per draw on
 average) rather than a binary search.
 
@@ -38,17 +38,15 @@ import math
 import numpy as np
 
 _CHUNK_ROWS = 1 << 16  # rows per chunk for whole-pool passes: keeps temporaries small
-_REFRESH_MID_ROUND = 0.5  # tighten envelopes before another batch if acceptance fell below this
-_REFRESH_END_ROUND = 0.75  # ... and after a round whose last batch accepted less than this
+_REFRESH_MID_ROUND = 0.5  # tighten envelopes before another batch if its yield fell below this
+_REFRESH_END_ROUND = 0.75  # ... and after a round that drew fewer items per proposal than this
 _GUIDE_PER_BLOCK = 4  # guide buckets per block: most draws then need one comparison
 
 
 class BlockPool:
-    """Logits s_i - alpha * c_i of N items, in score-grouped blocks of `block_size` items.
-
-    Positions used inside are positions in grouped order; `counts()` returns counts in the
-    caller's original order.
-    """
+    """Logits s_i - alpha * c_i of N items, in blocks of at most `block_size` items of nearly
+    equal score. Positions used inside are positions in score-grouped order (`order` maps them
+    to the caller's indices); `counts()` returns counts in the caller's order."""
 
     def __init__(self, scores: np.ndarray, alpha: float, block_size: int = 64, max_rounds: int = 1):
         m = int(block_size)
@@ -57,53 +55,69 @@ class BlockPool:
         scores = np.asarray(scores, dtype=np.float32)
         n = len(scores)
         self.n, self.m, self.alpha = n, m, float(alpha)
-        self.nblocks = max(1, -(-n // m))
-        self.order = _group_by_score(scores)
-        s = np.full(self.nblocks * m, -np.inf, dtype=np.float32)  # padding: weight 0, never drawn
-        np.take(scores, self.order, out=s[:n])
-        self.s = s.reshape(self.nblocks, m)
-        self.c = np.zeros((self.nblocks, m), dtype=np.uint16 if max_rounds < 2**16 else np.uint32)
-        self.env = np.empty(self.nblocks, dtype=np.float64)
-        for lo in range(0, self.nblocks, _CHUNK_ROWS):
-            self.env[lo : lo + _CHUNK_ROWS] = self.s[lo : lo + _CHUNK_ROWS].max(axis=1)
+        self.order, band_sizes = _group_by_score(scores)
+        self.start = _block_starts(band_sizes, m)  # block B is positions start[B]:start[B + 1]
+        self.size = np.diff(self.start)
+        self.nblocks = len(self.size)
+        # Position n is a padding item (weight 0) for the ragged rows of `_logits`.
+        self.s = np.empty(n + 1, dtype=np.float32)
+        np.take(scores, self.order, out=self.s[:n])
+        self.s[n] = -np.inf
+        self.c = np.zeros(n + 1, dtype=np.uint16 if max_rounds < 2**16 else np.uint32)
+        self.env = np.maximum.reduceat(self.s[:n], self.start[:-1]).astype(np.float64) if n else \
+            np.full(1, -np.inf)
         self._build_guide()
-        self.accept_rate = 1.0  # accepted / proposed in the last batch: decides envelope upkeep
         self.yield_rate = [1.0, 1.0]  # new items / proposal, in first and in later batches
+        self.yield_last = 1.0  # ... in the last batch: decides whether to tighten envelopes
+        self.refresh_below = _REFRESH_END_ROUND  # draws per proposal that trigger tightening
         self.stats = {"proposals": 0, "accepted": 0, "batches": 0, "refreshed_blocks": 0}
 
     # ------------------------------------------------------------------ state
     def counts(self) -> np.ndarray:
         """Draw counts per item, in the caller's original order."""
         out = np.empty(self.n, dtype=self.c.dtype)
-        out[self.order] = self.c.reshape(-1)[: self.n]
+        out[self.order] = self.c[: self.n]
         return out
 
+    def block_of(self, items: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.start, items, side="right") - 1
+
     def _logits(self, rows: np.ndarray, taken: np.ndarray) -> np.ndarray:
-        """(len(rows), m) float64 current logits of sorted block ids `rows`; -inf for `taken`
-        (any order)."""
-        logits = self.s[rows].astype(np.float64)
-        logits -= self.alpha * self.c[rows]
+        """(len(rows), m) float64 current logits of the sorted block ids `rows` (padding and
+        `taken` items, in any order, are -inf)."""
+        cols = np.arange(self.m)
+        idx = self.start[rows][:, None] + cols
+        idx[cols >= self.size[rows][:, None]] = self.n  # the padding item
+        logits = self.s[idx].astype(np.float64)
+        logits -= self.alpha * self.c[idx]
         if taken.size:
-            blocks = taken // self.m
+            blocks = self.block_of(taken)
             hit = _isin_sorted(blocks, rows)
-            logits[np.searchsorted(rows, blocks[hit]), taken[hit] % self.m] = -np.inf
+            logits[np.searchsorted(rows, blocks[hit]), taken[hit] - self.start[blocks[hit]]] = -np.inf
         return logits
 
-    def _refresh(self, rows: np.ndarray, taken: np.ndarray) -> None:
-        """Tighten the envelope of these blocks to the current max logit of their free items."""
+    def _refresh(self, rows: np.ndarray, taken: np.ndarray) -> float:
+        """Tighten the envelope of these blocks to the current max logit of their free items.
+        Returns the proposal mass this removed, as a fraction of the total at the last guide."""
+        old = self.env[rows]
         for lo in range(0, len(rows), _CHUNK_ROWS):
             part = rows[lo : lo + _CHUNK_ROWS]
             self.env[part] = self._logits(part, taken).max(axis=1)
         self.stats["refreshed_blocks"] += len(rows)
+        size = self.size[rows]
+        return float(size @ np.exp(old - self.log_mass) - size @ np.exp(self.env[rows] - self.log_mass))
 
     def _build_guide(self) -> None:
-        """Block CDF ∝ exp(env_B), and a guide table of K equal buckets of [0, 1):
+        """Block CDF ∝ size_B * exp(env_B), and a guide table of K equal buckets of [0, 1):
         guide[k] = a block index <= the first block whose CDF exceeds any u in bucket k."""
         edges = np.empty(self.nblocks + 1)  # edges[B], edges[B + 1]: block B's CDF interval
         edges[0] = 0.0
         cdf = edges[1:]
-        np.exp(self.env - self.env.max(), out=cdf)
+        top = self.env.max()
+        np.exp(self.env - top, out=cdf)
+        cdf *= self.size  # a block's proposal mass: its size times its envelope weight
         np.cumsum(cdf, out=cdf)
+        self.log_mass = top + math.log(cdf[-1])
         cdf /= cdf[-1]  # last entry exactly 1.0: every u in [0, 1) has an answer
         k = _GUIDE_PER_BLOCK * len(cdf)
         # The factor rounds borderline blocks up a bucket, so a guide never starts past the answer.
@@ -112,7 +126,7 @@ class BlockPool:
         self.edges, self.cdf, self.guide = edges, cdf, np.cumsum(per_bucket) - per_bucket
 
     def _propose(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Inverse CDF of the proposal: block B with probability ∝ exp(env_B), then an item
+        """Inverse CDF of the proposal: block B with probability ∝ size_B exp(env_B), then an item
         uniform in B. Returns (blocks, items) for sorted uniforms u in [0, 1), both sorted.
 
         The block is the first one whose CDF exceeds u (guide table, one step, exact binary
@@ -127,8 +141,9 @@ class BlockPool:
             blocks[late] = np.searchsorted(cdf, u[late], side="right")
         lo = self.edges[blocks]
         within = (u - lo) / (self.edges[blocks + 1] - lo)  # uniform in [0, 1), independent of B
-        offset = np.minimum((within * self.m).astype(np.int64), self.m - 1)
-        return blocks, blocks * self.m + offset
+        size = self.size[blocks]
+        offset = np.minimum((within * size).astype(np.int64), size - 1)
+        return blocks, self.start[blocks] + offset
 
     # ------------------------------------------------------------------ one round
     def draw_round(self, b: int, rng: np.random.Generator) -> np.ndarray:
@@ -141,23 +156,36 @@ class BlockPool:
             raise ValueError(f"cannot draw {b} distinct items from {self.n}")
         taken: list[np.ndarray] = []  # drawn so far this round: sorted, disjoint batches
         tightened: list[np.ndarray] = []  # envelopes that left out this round's draws
-        need, rejected = b, np.empty(0, dtype=np.int64)
+        rejected: list[np.ndarray] = []  # blocks where proposals were rejected
+        need, proposals = b, self.stats["proposals"]
         while need:
-            new, rejected = self._draw_new(need, rng, taken)
+            new, missed = self._draw_new(need, rng, taken)
             if new.size:
                 taken.append(new)
+            rejected.append(missed)
             need -= len(new)
-            if need and self.accept_rate < _REFRESH_MID_ROUND:
-                self._refresh(rejected, np.concatenate(taken) if taken else rejected[:0])
+            if need and self.yield_last < _REFRESH_MID_ROUND:
+                # Much of the proposal mass sits on items taken this round (or loose blocks):
+                # tighten those envelopes, leaving the taken items out, before drawing again.
+                rows = np.union1d(missed, self.block_of(new))
+                self._refresh(rows, np.concatenate(taken))
                 self._build_guide()
-                tightened.append(rejected)
-        drawn = np.concatenate(taken) if len(taken) > 1 else taken[0] if taken else rejected
-        self.c.reshape(-1)[drawn] += 1  # distinct positions, so a plain fancy update is exact
-        # Re-admit this round's draws to tightened envelopes; tighten where the last batch
-        # rejected many proposals.
-        redo = tightened + ([rejected] if self.accept_rate < _REFRESH_END_ROUND else [])
-        if redo:
-            self._refresh(np.unique(np.concatenate(redo)), drawn[:0])
+                tightened.append(rows)
+        drawn = np.concatenate(taken) if len(taken) > 1 else taken[0] if taken else np.empty(0, np.int64)
+        self.c[drawn] += 1  # distinct positions, so a plain fancy update is exact
+        # Re-admit this round's draws to envelopes tightened without them.
+        if tightened:
+            self._refresh(np.unique(np.concatenate(tightened)), drawn[:0])
+        # Tighten the blocks that rejected proposals when the round needed too many proposals
+        # per draw. Items drawn more often than their block-mates keep their block's envelope
+        # loose and no refresh fixes that, so when one barely shrinks the envelope mass, wait
+        # for the rate to drop another 10% before paying for the next.
+        rate = b / max(self.stats["proposals"] - proposals, 1)
+        loose = rate < self.refresh_below
+        if loose:
+            removed = self._refresh(np.unique(np.concatenate(rejected)), drawn[:0])
+            self.refresh_below = _REFRESH_END_ROUND if removed > 0.05 else 0.9 * rate
+        if tightened or loose:
             self._build_guide()
         return drawn
 
@@ -175,18 +203,20 @@ class BlockPool:
         slack = 3.0 * math.sqrt(need) + 8
         first = not taken and need > 4 * slack  # small rounds: just over-draw
         aim = need - slack - 0.005 * need if first else need * 1.02 + slack
-        r = max(16, min(int(math.ceil(aim / self.yield_rate[not first])), 16 * need + 4096))
+        # At most ~4 proposals per wanted item: when the yield is lower, tightening the envelopes
+        # between batches (draw_round) is cheaper than proposing the same taken items again.
+        r = max(16, min(int(math.ceil(aim / self.yield_rate[not first])), 4 * need + 1024))
         blocks, items = self._propose(_sorted_uniforms(rng, r))
-        logit = self.s.reshape(-1)[items].astype(np.float64)
-        logit -= self.alpha * self.c.reshape(-1)[items]
+        logit = self.s[items].astype(np.float64)
+        logit -= self.alpha * self.c[items]
         logit -= self.env[blocks]
         ok = rng.random(r) < np.exp(logit, out=logit)
         for part in taken:  # p restricted to items not drawn yet this round
             ok[ok] = ~_isin_sorted(items[ok], part)
         accepted = items[ok]  # i.i.d. ∝ exp(logit) over the free items, sorted
         new = _distinct_sorted(accepted)
-        self.accept_rate = max(len(accepted) / r, 1e-3)
-        self.yield_rate[not first] = max(len(new) / r, 1e-3)
+        self.yield_last = len(new) / r
+        self.yield_rate[not first] = max(self.yield_last, 1e-3)
         for key, value in (("proposals", r), ("accepted", len(accepted)), ("batches", 1)):
             self.stats[key] += value
         if len(new) > need:  # keep the `need` earliest in sequence order
@@ -228,19 +258,33 @@ def _first_occurrences(seq: np.ndarray, position: np.ndarray) -> tuple[np.ndarra
     return values[first], keys[first] - values[first] * n
 
 
-def _group_by_score(scores: np.ndarray) -> np.ndarray:
-    """Permutation putting high scores first, in 256 groups of equal score width.
+def _group_by_score(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Permutation putting high scores first, in 65536 score bands of equal width, and the
+    number of items in each band (in that order).
 
-    Groups span (max - min) / 256 of score (the lowest group also takes every score more than
-    32 below the max: their weight is < e^-32 of the top one), so block envelopes are tight. A
-    stable one-pass radix sort on 8-bit keys: O(N), ties keep their original order.
+    A band spans (max - min) / 65535 of score. A stable radix sort on 16-bit keys: O(N), ties
+    keep their original order (deterministic).
     """
     index_type = np.int32 if len(scores) < 2**31 else np.int64
     if len(scores) == 0:
-        return np.empty(0, dtype=index_type)
+        return np.empty(0, dtype=index_type), np.zeros(0, dtype=np.int64)
     top = float(scores.max())
-    width = max(min(top - float(scores.min()), 32.0), 1e-30) / 256
-    key = np.subtract(top, scores, dtype=np.float32)
-    key *= np.float32(1 / width)
-    np.minimum(key, np.float32(255), out=key)
-    return np.argsort(key.astype(np.uint8), kind="stable").astype(index_type)
+    width = max(top - float(scores.min()), 1e-30) / 65535
+    gap = np.subtract(top, scores, dtype=np.float32)
+    gap *= np.float32(1 / width)
+    np.minimum(gap, np.float32(65535), out=gap)  # float rounding at the bottom edge
+    key = gap.astype(np.uint16)
+    del gap
+    return np.argsort(key, kind="stable").astype(index_type), np.bincount(key, minlength=65536)
+
+
+def _block_starts(band_sizes: np.ndarray, m: int) -> np.ndarray:
+    """Start positions of blocks: each band is cut into blocks of m items (the last one
+    shorter), so no block mixes bands. Ends with the total (at least one, empty, block)."""
+    band_sizes = band_sizes[band_sizes > 0]
+    per_band = -(-band_sizes // m)
+    band_start = np.cumsum(band_sizes) - band_sizes
+    first_block = np.cumsum(per_band) - per_band
+    j = np.arange(per_band.sum()) - np.repeat(first_block, per_band)  # block number in its band
+    starts = np.repeat(band_start, per_band) + m * j
+    return np.append(starts, band_sizes.sum()).astype(np.int64)

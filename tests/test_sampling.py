@@ -236,15 +236,15 @@ def test_scs_counts_follow_the_soft_cap_law():
     repetition. In the many-small-rounds limit, dc_i/dt ∝ exp(s_i - alpha c_i) integrates to
     c_i = softplus(s_i - lambda) / alpha (linear in s above lambda), lambda fixed by the total."""
     s = np.random.default_rng(2).normal(size=20_000).astype(np.float64)
-    c = soft_cap_sample(s, 20_000, alpha=0.15, batch_size=500, seed=0)
+    c = np.mean([soft_cap_sample(s, 20_000, alpha=0.15, batch_size=500, seed=k) for k in range(3)], axis=0)
     lo, hi = -10.0, 10.0
     for _ in range(60):  # bisection: total softplus mass = total draws
         lam = (lo + hi) / 2
         lo, hi = (lo, lam) if np.logaddexp(0, s - lam).sum() / 0.15 < 20_000 else (lam, hi)
     law = np.logaddexp(0, s - lam) / 0.15
     for q in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0):
-        near = np.abs(s - q) < 0.1
-        assert abs(c[near].mean() - law[near].mean()) < 0.15 * law[near].mean() + 0.1, q
+        near = np.abs(s - q) < 0.25
+        assert abs(c[near].mean() - law[near].mean()) < 0.1 * law[near].mean() + 0.1, q
     assert c[s > 3.2].mean() > 3 * c[np.abs(s - 1.5) < 0.1].mean()
 
 
