@@ -71,11 +71,12 @@ def _check_scs(n: int, total: int, alpha: float, batch_size: int) -> None:
 def soft_cap_sample(scores: np.ndarray, total: int | None = None, *, alpha: float = DEFAULT_ALPHA,
                     batch_size: int = DEFAULT_BATCH_SIZE, seed: int | np.random.Generator = 0,
                     block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = False) -> np.ndarray:
-    """Soft Cap Sampling; returns draw counts per example (uint16, or uint32 past 2**15 rounds).
+    """Soft Cap Sampling; returns draw counts per example (uint16, or uint32 past 2**16 rounds).
 
     total=None draws N (the pool size). Rounds: b = min(batch_size, total - drawn) distinct
     examples ∝ softmax(logits), then logits[drawn] -= alpha. Raises ValueError when a round would
-    need more distinct examples than the pool has. Deterministic given the seed.
+    need more distinct examples than the pool has. Deterministic given the seed. Scores are
+    held as float32 (as DataComp stores them); block_size only trades speed.
     """
     scores = _check_scores(scores)
     n = len(scores)

@@ -54,6 +54,8 @@ class BlockPool:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         scores = np.asarray(scores, dtype=np.float32)
         n = len(scores)
+        if n == 0:
+            raise ValueError("BlockPool needs at least one item")
         self.n, self.m, self.alpha = n, m, float(alpha)
         self.order, band_sizes = _group_by_score(scores)
         self.start = _block_starts(band_sizes, m)  # block B is positions start[B]:start[B + 1]
@@ -64,8 +66,7 @@ class BlockPool:
         np.take(scores, self.order, out=self.s[:n])
         self.s[n] = -np.inf
         self.c = np.zeros(n + 1, dtype=np.uint16 if max_rounds < 2**16 else np.uint32)
-        self.env = np.maximum.reduceat(self.s[:n], self.start[:-1]).astype(np.float64) if n else \
-            np.full(1, -np.inf)
+        self.env = np.maximum.reduceat(self.s[:n], self.start[:-1]).astype(np.float64)
         self._build_guide()
         self.yield_rate = [1.0, 1.0]  # new items / proposal, in first and in later batches
         self.yield_last = 1.0  # ... in the last batch: decides whether to tighten envelopes
@@ -266,8 +267,6 @@ def _group_by_score(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keep their original order (deterministic).
     """
     index_type = np.int32 if len(scores) < 2**31 else np.int64
-    if len(scores) == 0:
-        return np.empty(0, dtype=index_type), np.zeros(0, dtype=np.int64)
     top = float(scores.max())
     width = max(top - float(scores.min()), 1e-30) / 65535
     gap = np.subtract(top, scores, dtype=np.float32)
@@ -279,8 +278,8 @@ def _group_by_score(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _block_starts(band_sizes: np.ndarray, m: int) -> np.ndarray:
-    """Start positions of blocks: each band is cut into blocks of m items (the last one
-    shorter), so no block mixes bands. Ends with the total (at least one, empty, block)."""
+    """Start positions of blocks, then the total: each band is cut into blocks of m items (its
+    last one shorter), so no block mixes bands."""
     band_sizes = band_sizes[band_sizes > 0]
     per_band = -(-band_sizes // m)
     band_start = np.cumsum(band_sizes) - band_sizes
