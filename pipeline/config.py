@@ -21,7 +21,7 @@ class RayConfig:
     model_actors: int = 0  # model-stage actors (0 = one per GPU, or one on a CPU-only cluster)
     model_cpus: float = 1.0  # CPUs each model actor reserves; the rest decode (must leave some)
     model_threads: int = 0  # torch threads of a CPU model actor (0 = ceil(model_cpus))
-    read_cpus: float = 1.0  # CPUs each read/decode task reserves
+    read_cpus: float = 1.0  # CPUs each read task and each decode task reserves
 
 
 @dataclass
@@ -67,7 +67,6 @@ class EmbedConfig(RunConfig):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype on cuda (cpu always runs fp32)
     normalize: bool = True  # store L2-normalised embeddings (scores are cosines either way)
     on_missing_stats: Literal["error", "process"] = "error"  # a shard without _stats.json may be incomplete
-    read_splits: int = 0  # read tasks per shard, each decoding every k-th chunk (0 = enough to fill the CPUs)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,14 +1,18 @@
-"""The CPU stage: walk a shard, decode and preprocess its images, tokenise its captions.
+"""The CPU stages: walk a shard into chunks, then decode and preprocess each chunk.
 
-A shard is cut into chunks of `batch_size` samples in tar order (the last chunk is shorter, and a
-final chunk flagged `last` closes the shard, possibly empty). Every record of the tar -- sample or
-Skip -- belongs to exactly one chunk, so per-shard counts add up. A chunk is ONE row of the Ray
-dataset: its images travel as one fixed-shape uint8 array, so Ray can neither split a model batch
-nor merge two, and a chunk's embeddings never depend on how Ray grouped rows. That is what makes a
-resumed run byte-identical to an uninterrupted one.
+read_task walks one shard with shards.read_shard and cuts it into chunks of `batch_size` samples in
+tar order (the last chunk is shorter; a final chunk flagged `last` closes the shard, possibly
+empty). Every record of the tar -- sample or Skip -- belongs to exactly one chunk, so per-shard
+counts add up. A chunk is ONE row of the Ray dataset, carrying its samples' encoded images.
 
-A shard may be read by several tasks (`parts`): each walks the whole tar (cheap) but decodes only
-the chunks c with c % parts == part (the expensive bit), so a few big shards still fill every core.
+decode_task turns one chunk row into fixed-shape arrays: every image through the PIL part of each
+model's open_clip transform (uint8, H x W x 3, all images of the chunk in one blob), every caption
+through each tokenizer (int32). An image that fails to decode becomes a corrupt_image skip.
+
+Because a chunk is one row, Ray can neither split a model batch nor merge two: a chunk's
+embeddings never depend on how Ray grouped rows, which makes a resumed run byte-identical to an
+uninterrupted one. Because decoding runs per chunk (not per shard), a few large shards still
+keep every core busy.
 """
 from __future__ import annotations
 
@@ -23,85 +27,121 @@ from PIL import Image
 from clipsift import shards
 from clipsift.pipeline.encoders import Plan, split_transform, tokenizer_for
 
-CHUNK_FIELDS = ["shard", "chunk", "last", "keys", "reasons", "details", "uid", "url", "text", "original_width",
-                "original_height", "face_bboxes", "sha256", "notes", "read_s"]
 _LIST_STR = pa.list_(pa.string())
 _LIST_INT = pa.list_(pa.int64())
 _BBOXES = pa.list_(pa.list_(pa.list_(pa.float64())))
+# per kept sample, in the order of the chunk's samples
+SAMPLE_COLUMNS = {"uid": _LIST_STR, "url": _LIST_STR, "text": _LIST_STR, "original_width": _LIST_INT,
+                  "original_height": _LIST_INT, "face_bboxes": _BBOXES, "sha256": _LIST_STR}
 
 
-def read_task(batch: pa.Table, plan: Plan) -> Iterator[pa.Table]:
-    """Ray map_batches UDF: one (path, shard, part, parts) row in, the chunks of that part out."""
+def read_task(batch: pa.Table) -> Iterator[pa.Table]:
+    """Ray map_batches UDF: (path, shard) rows in, one raw chunk row out per chunk."""
     for row in batch.to_pylist():
-        yield from read_chunks(row["path"], row["shard"], plan, row["part"], row["parts"])
+        yield from read_chunks(row["path"], row["shard"], row["batch_size"])
 
 
-def read_chunks(path: str, shard: int, plan: Plan, part: int = 0, parts: int = 1) -> Iterator[pa.Table]:
-    """Yield one single-row table per chunk owned by `part` (see the module docstring)."""
-    chunk, t0 = 0, time.perf_counter()
+def read_chunks(path: str, shard: int, batch_size: int) -> Iterator[pa.Table]:
+    t0 = time.perf_counter()
     records: list[shards.Record] = []
-    n_samples = 0
+    chunk = n_samples = 0
     for rec in shards.read_shard(path):
         records.append(rec)
         if isinstance(rec, shards.Sample):
             n_samples += 1
-            if n_samples == plan.batch_size:
-                if chunk % parts == part:
-                    yield chunk_table(shard, chunk, False, records, plan, time.perf_counter() - t0)
-                    t0 = time.perf_counter()
+            if n_samples == batch_size:
+                yield raw_chunk(shard, chunk, False, records, time.perf_counter() - t0)
+                t0 = time.perf_counter()
                 chunk, records, n_samples = chunk + 1, [], 0
-    if chunk % parts == part:
-        yield chunk_table(shard, chunk, True, records, plan, time.perf_counter() - t0)
+    yield raw_chunk(shard, chunk, True, records, time.perf_counter() - t0)
 
 
-def chunk_table(shard: int, chunk: int, last: bool, records: list[shards.Record], plan: Plan,
-                read_s: float) -> pa.Table:
-    """Decode a chunk's samples (a failed decode becomes a corrupt_image skip) into one row."""
-    t0 = time.perf_counter()
-    keys, reasons, details = [], [], []
-    kept: list[shards.Sample] = []
-    pixels: dict[str, list[np.ndarray]] = {p.key: [] for p in plan.images}
-    for rec in records:
-        keys.append(rec.key)
-        if isinstance(rec, shards.Skip):
-            reasons.append(rec.reason)
-            details.append(rec.detail)
-            continue
-        arrays, error = decode_image(rec.image, plan)
-        if error:
-            reasons.append(shards.CORRUPT_IMAGE)
-            details.append(error)
-            continue
-        reasons.append("")
-        details.append("")
-        kept.append(rec)
-        for k, a in arrays.items():
-            pixels[k].append(a)
+def raw_chunk(shard: int, chunk: int, last: bool, records: list[shards.Record], read_s: float) -> pa.Table:
+    """One row: every record's key and skip reason; each sample's metadata and encoded image."""
+    samples = [r for r in records if isinstance(r, shards.Sample)]
     notes: list[str] = []
-    meta = [sample_fields(s, notes) for s in kept]
-    cols: dict[str, pa.Array] = {
+    meta = [sample_fields(s, notes) for s in samples]
+    cols = {
         "shard": pa.array([shard], pa.int64()),
         "chunk": pa.array([chunk], pa.int64()),
         "last": pa.array([last], pa.bool_()),
-        "keys": pa.array([keys], _LIST_STR),
-        "reasons": pa.array([reasons], _LIST_STR),
-        "details": pa.array([details], _LIST_STR),
-        "uid": pa.array([[s.uid for s in kept]], _LIST_STR),
-        "url": pa.array([[m["url"] for m in meta]], _LIST_STR),
-        "text": pa.array([[s.text for s in kept]], _LIST_STR),
-        "original_width": pa.array([[m["original_width"] for m in meta]], _LIST_INT),
-        "original_height": pa.array([[m["original_height"] for m in meta]], _LIST_INT),
-        "face_bboxes": pa.array([[m["face_bboxes"] for m in meta]], _BBOXES),
-        "sha256": pa.array([[m["sha256"] for m in meta]], _LIST_STR),
+        "keys": pa.array([[r.key for r in records]], _LIST_STR),
+        "reasons": pa.array([["" if isinstance(r, shards.Sample) else r.reason for r in records]], _LIST_STR),
+        "details": pa.array([["" if isinstance(r, shards.Sample) else r.detail for r in records]], _LIST_STR),
+        **{name: pa.array([[m[name] for m in meta]], kind) for name, kind in SAMPLE_COLUMNS.items()},
         "notes": pa.array([notes], _LIST_STR),
+        "encoded": pa.array([[s.image for s in samples]], pa.list_(pa.large_binary())),
+        "read_s": pa.array([read_s], pa.float64()),
+    }
+    return pa.table(cols)
+
+
+def sample_fields(sample: shards.Sample, notes: list[str]) -> dict[str, Any]:
+    """The DataComp columns of a sample (text from its .txt, the rest from its json).
+
+    A json value of the wrong type becomes null and a note; an absent one is null (img2dataset
+    jsons have no face_bboxes, for instance).
+    """
+    m = sample.meta
+    out = {"uid": sample.uid, "text": sample.text, "url": m.get("url"), "sha256": m.get("sha256"),
+           "original_width": m.get("original_width"), "original_height": m.get("original_height"),
+           "face_bboxes": m.get("face_bboxes")}
+    for name in ("url", "sha256"):
+        if out[name] is not None and not isinstance(out[name], str):
+            notes.append(f"invalid_{name}")
+            out[name] = None
+    for name in ("original_width", "original_height"):
+        v = out[name]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            notes.append(f"invalid_{name}")
+            out[name] = None
+    boxes = out["face_bboxes"]
+    if boxes is not None and not (isinstance(boxes, list) and all(
+            isinstance(b, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in b)
+            for b in boxes)):
+        notes.append("invalid_face_bboxes")
+        out["face_bboxes"] = None
+    return out
+
+
+def decode_task(batch: pa.Table, plan: Plan) -> pa.Table:
+    """Ray map_batches UDF: raw chunk rows in, decoded chunk rows out (see decode_chunk)."""
+    return pa.concat_tables([decode_chunk(batch.slice(i, 1), plan) for i in range(batch.num_rows)])
+
+
+def decode_chunk(row: pa.Table, plan: Plan) -> pa.Table:
+    """Decode and preprocess one chunk row: image and token blobs replace the encoded images."""
+    t0 = time.perf_counter()
+    r = row.to_pylist()[0]
+    sample_records = [i for i, reason in enumerate(r["reasons"]) if not reason]
+    pixels: dict[str, list[np.ndarray]] = {p.key: [] for p in plan.images}
+    kept = []
+    for j, data in enumerate(r["encoded"]):
+        arrays, error = decode_image(data, plan)
+        if error:  # the record becomes a skip; its metadata is dropped below
+            r["reasons"][sample_records[j]] = shards.CORRUPT_IMAGE
+            r["details"][sample_records[j]] = error
+            continue
+        kept.append(j)
+        for key, a in arrays.items():
+            pixels[key].append(a)
+    texts = [r["text"][j] for j in kept]
+    cols: dict[str, pa.Array] = {
+        "shard": row.column("shard"), "chunk": row.column("chunk"), "last": row.column("last"),
+        "keys": row.column("keys"),
+        "reasons": pa.array([r["reasons"]], _LIST_STR),
+        "details": pa.array([r["details"]], _LIST_STR),
+        **{name: pa.array([[r[name][j] for j in kept]], kind) for name, kind in SAMPLE_COLUMNS.items()},
+        "notes": row.column("notes"),
     }
     for p in plan.images:
         arr = np.stack(pixels[p.key]) if kept else np.zeros((0, *p.shape), np.uint8)
         cols[p.key] = pa.array([arr.tobytes()], pa.large_binary())
     for t in plan.texts:
-        toks = tokenizer_for(t.open_clip_name)([s.text for s in kept]).numpy() if kept else np.zeros((0, t.context_length))
+        toks = tokenizer_for(t.open_clip_name)(texts).numpy() if kept else np.zeros((0, t.context_length))
         cols[t.key] = pa.array([toks.astype(np.int32).tobytes()], pa.large_binary())
-    cols["read_s"] = pa.array([read_s + time.perf_counter() - t0], pa.float64())
+    cols["read_s"] = row.column("read_s")
+    cols["decode_s"] = pa.array([time.perf_counter() - t0], pa.float64())
     return pa.table(cols)
 
 
@@ -120,26 +160,3 @@ def decode_image(data: bytes, plan: Plan) -> tuple[dict[str, np.ndarray], str]:
             return out, ""
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         return {}, f"{type(e).__name__}: {e}"[:200]
-
-
-def sample_fields(sample: shards.Sample, notes: list[str]) -> dict[str, Any]:
-    """The DataComp columns a sample's json carries; a value of the wrong type becomes null + a note."""
-    m = sample.meta
-    out = {"url": m.get("url"), "sha256": m.get("sha256"), "original_width": m.get("original_width"),
-           "original_height": m.get("original_height"), "face_bboxes": m.get("face_bboxes")}
-    for name in ("url", "sha256"):
-        if out[name] is not None and not isinstance(out[name], str):
-            notes.append(f"invalid_{name}")
-            out[name] = None
-    for name in ("original_width", "original_height"):
-        v = out[name]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            notes.append(f"invalid_{name}")
-            out[name] = None
-    boxes = out["face_bboxes"]
-    if boxes is not None and not (isinstance(boxes, list) and all(
-            isinstance(b, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in b)
-            for b in boxes)):
-        notes.append("invalid_face_bboxes")
-        out["face_bboxes"] = None
-    return out

@@ -10,7 +10,6 @@ run's. The driver writes, so outputs have stable names (the input shard's stem) 
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +19,7 @@ import pyarrow as pa
 
 from clipsift import config, formats, shards
 from clipsift.pipeline.config import EmbedConfig
-from clipsift.pipeline.decode import read_task
+from clipsift.pipeline.decode import decode_task, read_task
 from clipsift.pipeline.encoders import Encoder, Plan, make_plan
 from clipsift.pipeline.output import finished, output_schema, run_stats, summary_table, write_outputs
 from clipsift.pipeline.raysession import StagePlan, ray_session, stage_plan
@@ -57,7 +56,7 @@ def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
             run["ray_init_s"] = round(time.perf_counter() - t0, 3)
             sp = stage_plan(cfg.ray, cfg.device)
             run["stages"] = vars(sp)
-            ds = build_dataset(pending, plan, sp, cfg.read_splits)
+            ds = build_dataset(pending, plan, sp)
             for shard, chunk_rows in assembled_shards(ds):
                 path = pending[shard]
                 rows += write_shard(out, path, chunk_rows, plan, fingerprint, expected[path.stem])
@@ -96,15 +95,17 @@ def expected_rows(shard_paths: list[Path], on_missing: str) -> dict[str, int | N
     return expected
 
 
-def build_dataset(pending: list[Path], plan: Plan, sp: StagePlan, read_splits: int):
-    """from_items(shard parts) -> read/decode tasks -> one actor pool running every model and head."""
+def build_dataset(pending: list[Path], plan: Plan, sp: StagePlan):
+    """shards -> read tasks (raw chunks) -> decode tasks (one chunk each) -> one actor pool of every model and head."""
     import ray
 
-    parts = read_splits or max(1, min(16, math.ceil(sp.read_slots / len(pending))))
-    items = [{"path": str(p), "shard": i, "part": k, "parts": parts} for i, p in enumerate(pending) for k in range(parts)]
+    items = [{"path": str(p), "shard": i, "batch_size": plan.batch_size} for i, p in enumerate(pending)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_task, fn_kwargs={"plan": plan}, batch_size=1, batch_format="pyarrow",
-                        num_cpus=sp.read_cpus, memory=read_task_memory(plan))
+    ds = ds.map_batches(read_task, batch_size=1, batch_format="pyarrow", num_cpus=sp.read_cpus)
+    # one chunk per block: decode tasks then take chunks as they come, not a whole shard each
+    ds = ds.repartition(target_num_rows_per_block=1)
+    ds = ds.map_batches(decode_task, fn_kwargs={"plan": plan}, batch_size=1, batch_format="pyarrow",
+                        num_cpus=sp.read_cpus, memory=decode_task_memory(plan))
     return ds.map_batches(
         EncodeStage, fn_constructor_kwargs={"plan": plan, "device": "cuda" if sp.use_gpu else "cpu",
                                             "threads": sp.model_threads},
@@ -112,17 +113,16 @@ def build_dataset(pending: list[Path], plan: Plan, sp: StagePlan, read_splits: i
         num_cpus=sp.model_cpus, batch_size=1, batch_format="pyarrow")
 
 
-def read_task_memory(plan: Plan) -> int:
-    """Bytes a read task reserves: a decoded chunk twice over plus Ray's output buffer (<= 1.5 blocks).
+def decode_task_memory(plan: Plan) -> int:
+    """Bytes a decode task reserves: the worker with torch and open_clip imported (~600 MB), plus a
+    chunk's encoded images (~256 KB each at most) and its arrays, twice.
 
-    Reserving memory also keeps the read tasks apart from the model actor: Ray fuses a task map into
-    the following actor map when their resource requests match, and then every image would be
-    decoded serially inside the model actor.
+    Reserving memory also keeps decoding apart from the model actor: Ray fuses a task map into the
+    following actor map when their resource requests match, and then every image would be decoded
+    serially inside the model actor.
     """
-    import ray
-
-    chunk = plan.batch_size * (sum(int(np.prod(p.shape)) for p in plan.images) + 4 * sum(t.context_length for t in plan.texts))
-    return int(2 * chunk + 1.5 * ray.data.DataContext.get_current().target_max_block_size)
+    per_sample = 2**18 + sum(int(np.prod(p.shape)) for p in plan.images) + 4 * sum(t.context_length for t in plan.texts)
+    return 600 * 2**20 + 2 * plan.batch_size * per_sample
 
 
 class EncodeStage:
@@ -216,7 +216,6 @@ def write_shard(out: Path, path: Path, rows: list[dict[str, Any]], plan: Plan, f
     marker = {"fingerprint": fingerprint, "source": str(path), "rows_in": c["seen"], "rows_out": c["kept"],
               "skipped": c["dropped"], "expected_rows": expected, "notes": dict(sorted(notes.items())),
               "skips": skips,
-              "timings": {"read": round(sum(r["read_s"] for r in rows), 4),
-                          "model": round(sum(r["model_s"] for r in rows), 4)}}
+              "timings": {step: round(sum(r[f"{step}_s"] for r in rows), 4) for step in ("read", "decode", "model")}}
     write_outputs(out, path.stem, table, arrays, marker)
     return c["kept"]

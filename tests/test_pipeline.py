@@ -88,7 +88,7 @@ def embedded(ci_world, models, ray_local, tmp_path_factory):
     from clipsift.pipeline.embed import run_embed
 
     out = tmp_path_factory.mktemp("embed")
-    cfg = embed_config(ci_world / "pool" / "shards", out, models, read_splits=2)  # 2 read tasks per shard
+    cfg = embed_config(ci_world / "pool" / "shards", out, models)
     return cfg, run_embed(cfg, echo=quiet)
 
 
@@ -177,7 +177,7 @@ def test_planted_corrupt_samples_reported_by_reason(ci_world, embedded):
     assert stats["totals"]["skipped"] == dict(sorted(want_totals.items()))
     for m in stats["shards"].values():  # nothing unaccounted for
         assert m["rows_in"] == m["rows_out"] + sum(m["skipped"].values())
-        assert set(m["timings"]) == {"read", "model", "write"}
+        assert set(m["timings"]) == {"read", "decode", "model", "write"}
 
 
 def test_output_is_plain_datacomp_metadata(embedded):
@@ -314,24 +314,23 @@ def bad_pool(tmp_path_factory) -> Path:
 
 
 def test_decode_stage_chunks_account_for_every_record(bad_pool, models):
-    """No Ray: chunks of 2 samples; every tar record lands in exactly one chunk, across read splits."""
-    from clipsift.pipeline.decode import read_chunks
+    """No Ray: chunks of 2 samples; every tar record lands in exactly one chunk, in tar order."""
+    from clipsift.pipeline.decode import decode_chunk, read_chunks
     from clipsift.pipeline.encoders import make_plan
 
     plan = make_plan(models, {}, batch_size=2, normalize=True, precision="fp32", seed=0, allow_random_weights=False)
-    path = bad_pool / "00000001.tar"
-    whole = [t.to_pylist()[0] for t in read_chunks(str(path), 1, plan)]
-    assert [c["chunk"] for c in whole] == list(range(len(whole))) and [c["last"] for c in whole][-1]
-    assert sum(c["last"] for c in whole) == 1
-    keys = [k for c in whole for k in c["keys"]]
-    assert keys == [r.key for r in shards.read_shard(path)]
-    assert all(len(c["uid"]) <= 2 for c in whole)
-    split = [t.to_pylist()[0] for part in range(3) for t in read_chunks(str(path), 1, plan, part, 3)]
-    assert sorted(c["chunk"] for c in split) == [c["chunk"] for c in whole]
-    for c in split:
-        twin = whole[c["chunk"]]
-        assert c["keys"] == twin["keys"] and c["uid"] == twin["uid"]
-        assert c[plan.images[0].key] == twin[plan.images[0].key]
+    assert [p.shape for p in plan.images] == [(32, 32, 3), (24, 24, 3)]  # world-rn-s, tiny ViT (squash)
+    assert [t.context_length for t in plan.texts] == [20, 16]
+    for path in sorted(bad_pool.glob("*.tar")):
+        raw = [t for t in read_chunks(str(path), 7, 2)]
+        rows = [decode_chunk(t, plan).to_pylist()[0] for t in raw]
+        assert [c["chunk"] for c in rows] == list(range(len(rows))) and [c["last"] for c in rows] == [False] * (len(rows) - 1) + [True]
+        assert [k for c in rows for k in c["keys"]] == [r.key for r in shards.read_shard(path)]
+        for c in rows:
+            assert c["shard"] == 7 and len(c["uid"]) <= 2 and len(c["reasons"]) == len(c["keys"])
+            assert len(c["uid"]) == c["reasons"].count("")  # a sample is kept or has a reason
+            assert len(c["img0"]) == len(c["uid"]) * 32 * 32 * 3 and len(c["tok1"]) == len(c["uid"]) * 16 * 4
+            assert "encoded" not in c
 
 
 def test_missing_stats_file_is_an_error_by_default(bad_pool, models, tmp_path):
