@@ -3,8 +3,8 @@
 One SCS round draws b DISTINCT items with probabilities p = softmax(l) (successive sampling
 without replacement), then lowers the logit of every drawn item by alpha. Done directly a round
 costs O(N) (softmax + weighted choice over the whole pool): at N = 128M and 1280 rounds, too slow.
-`BlockPool` draws from exactly the same distribution with O(b) work per round plus occasional
-O(touched blocks) upkeep.
+`BlockPool` draws from exactly the same distribution with O(b) work per round, plus upkeep
+(re-tightening block envelopes, O(N / m) to rebuild the block CDF) only in rounds that need it.
 
 Why it is exact, in three steps:
 1. Successive sampling = "draw i.i.d. with replacement from p, keep first occurrences". The next
@@ -155,6 +155,8 @@ class BlockPool:
         """
         if not 0 <= b <= self.n:
             raise ValueError(f"cannot draw {b} distinct items from {self.n}")
+        if b == 0:
+            return np.empty(0, dtype=np.int64)
         taken: list[np.ndarray] = []  # drawn so far this round: sorted, disjoint batches
         tightened: list[np.ndarray] = []  # envelopes that left out this round's draws
         rejected: list[np.ndarray] = []  # blocks where proposals were rejected
