@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reshard": ("clipsift.filters.reshard_cli", "pool shards + a subset -> new shards of just that subset (repeats kept)"),
     "sample": ("clipsift.filters.sample_cli", "one score column -> a subset: Soft Cap Sampling, hard cap, top fraction, threshold"),
     "train": ("clipsift.training.cli", "fixed-compute CLIP training on shards (+ a subset file) -> open_clip checkpoint"),
+    "flyt": ("clipsift.training.flyt.cli", "train FLYT's learned data scorer (hypergradient through a reference CLIP) -> flyt_score"),
+    "mflyt": ("clipsift.training.flyt.mflyt_cli", "M-FLYT: learn a linear mix of score columns with the FLYT loop -> mflyt_score"),
 }
 
 

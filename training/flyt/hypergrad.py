@@ -142,37 +142,42 @@ def _global_embeddings(fmodel: FunctionalCLIP, params: Params, images: torch.Ten
 def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState, hp: AdamWHyper,
                        decay: frozenset[str], images: torch.Tensor, tokens: torch.Tensor, w: torch.Tensor,
                        down_loss: DownLoss, down_params: list[torch.Tensor] = (), project: Project | None = None,
-                       comm: Comm = LOCAL, amp: Callable[[], ContextManager] = contextlib.nullcontext) -> StepResult:
+                       comm: Comm = LOCAL, amp: Callable[[], ContextManager] = contextlib.nullcontext,
+                       timer: Callable[[str], ContextManager] | None = None) -> StepResult:
     """One FLYT step for the reference model: θ' and dJ/dw (see the module docstring).
 
     params: θ (detached); images/tokens: this rank's rows of the upstream batch; w: weights of the
     global batch (detached, Σ w = 1); down_loss(θ') -> this rank's downstream loss; down_params:
     leaves of the downstream head (ρ) whose gradients are returned; amp: a context factory for
-    the model's forward passes (bf16 autocast on GPU).
+    the model's forward passes (bf16 autocast on GPU); timer(name): a context that times a phase
+    (runlog.Timer), for the phases up_grad, down_grad, jvp, d.
     """
     names = list(params)
     w = w.detach()
+    phase = timer or (lambda _name: contextlib.nullcontext())
 
     # 1. g = ∇θ L_up(θ; w), summed over ranks.
-    theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    u, t, tau = _global_embeddings(fmodel, theta, images, tokens, comm, amp())
-    up = weighted_clip_loss(u, t, tau, w)
-    g = _with_zeros(torch.autograd.grad(up, list(theta.values()), allow_unused=True), theta)
-    comm.sum_(g)
-    del theta, u, t, tau
+    with phase("up_grad"):
+        theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        u, t, tau = _global_embeddings(fmodel, theta, images, tokens, comm, amp())
+        up = weighted_clip_loss(u, t, tau, w)
+        g = _with_zeros(torch.autograd.grad(up, list(theta.values()), allow_unused=True), theta)
+        comm.sum_(g)
+        del theta, u, t, tau
 
     # 2. v = ∂ L_down(AdamW(θ, g)) / ∂g (averaged over ranks), and ∂J/∂ρ.
-    g_leaf = {k: x.detach().requires_grad_(True) for k, x in zip(names, g)}
-    new_params, exp_avg, exp_avg_sq = adamw_step(params, g_leaf, state, hp, decay)
-    if project is not None:
-        new_params = project(new_params)
-    with amp():
-        down = down_loss(new_params)
-    leaves = list(g_leaf.values()) + list(down_params)
-    grads = torch.autograd.grad(_full(down), leaves, allow_unused=True)
-    grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, leaves)]
-    comm.mean_(grads)
-    v = dict(zip(names, grads[: len(names)]))
+    with phase("down_grad"):
+        g_leaf = {k: x.detach().requires_grad_(True) for k, x in zip(names, g)}
+        new_params, exp_avg, exp_avg_sq = adamw_step(params, g_leaf, state, hp, decay)
+        if project is not None:
+            new_params = project(new_params)
+        with amp():
+            down = down_loss(new_params)
+        leaves = list(g_leaf.values()) + list(down_params)
+        grads = torch.autograd.grad(_full(down), leaves, allow_unused=True)
+        grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, leaves)]
+        comm.mean_(grads)
+        v = dict(zip(names, grads[: len(names)]))
 
     # 3. Ė = J_θ f · v (forward mode; the math SDPA kernel is the one with forward-mode AD), then
     #    d = ∂/∂w ⟨∇_E L_up(E; w), Ė⟩ at embedding level.
@@ -181,7 +186,7 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
             u_, t_, tau_ = fmodel(p, images, tokens)
         return _full(u_), _full(t_), _full(tau_)
 
-    with sdpa_kernel(SDPBackend.MATH):
+    with phase("jvp"), sdpa_kernel(SDPBackend.MATH):
         (u, t, tau), (du, dt, dtau) = jvp(embed, ({k: x.detach() for k, x in params.items()},), (v,))
     u, t, du, dt = (comm.gather(x.detach()) for x in (u, t, du, dt))
     tau, dtau = tau.detach(), dtau.detach()
@@ -189,7 +194,8 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
     def directional(w_: torch.Tensor) -> torch.Tensor:
         return jvp(lambda a, b, c: weighted_clip_loss(a, b, c, w_), (u, t, tau), (du, dt, dtau))[1]
 
-    d = torch.func.grad(directional)(w)
+    with phase("d"):
+        d = torch.func.grad(directional)(w)
 
     new_state = AdamWState({k: x.detach() for k, x in exp_avg.items()},
                            {k: x.detach() for k, x in exp_avg_sq.items()}, state.step + 1)

@@ -1,0 +1,175 @@
+"""One FLYT step versus one plain CLIP training step of the same reference model on the same batch.
+
+    python benchmarks/flyt.py [--world DIR] [--arch world-rn-s] [--batch 64] [--down-batch 16]
+                              [--repeats 7] [--device auto] [--threads N]
+
+Plain step: forward + backward of open_clip's ClipLoss and torch.optim.AdamW (what `clipsift
+train` does per step). FLYT step: scorer forward, hypergradient (∇θ L_up; ∂L_down/∂g through the
+AdamW step on the downstream batch; JVP of the embeddings; d at embedding level), the scorer's
+VJP and AdamW update. Both on the world's pool images and captions; the downstream batch is
+--down-batch examples from each task's training split. Ψ is random (its values do not change the
+time). Medians over --repeats after one warm-up step; bf16 autocast and CUDA syncs on a GPU.
+Without --world a ci world is generated in a temporary folder. Writes benchmarks/results/flyt.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from clipsift import config
+from clipsift.runlog import Timer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", default="", help="a world folder (default: generate a ci world)")
+    p.add_argument("--arch", default="world-rn-s")
+    p.add_argument("--batch", type=int, default=64, help="upstream (pool) batch")
+    p.add_argument("--down-batch", type=int, default=16, help="downstream examples per task")
+    p.add_argument("--tasks", nargs="*", default=["shapes", "colour_shape", "count"], help="downstream tasks")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "flyt.json"))
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        world = Path(args.world) if args.world else _ci_world(Path(tmp) / "world")
+        results = bench(world, args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _ci_world(out: Path) -> Path:
+    from clipsift.world.config import WorldConfig
+    from clipsift.world.generate import generate_world
+
+    return generate_world(config.load(WorldConfig, config.preset_path("world", "ci"), [f"out={out}"]), progress=False)
+
+
+def bench(world: Path, args) -> dict:
+    from open_clip import ClipLoss
+
+    from clipsift.eval.models import load_model
+    from clipsift.eval.tasks import load_tasks
+    from clipsift.training.data import MemoryData, find_shards, normalize
+    from clipsift.training.flyt import data as fdata
+    from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, decayed_names
+    from clipsift.training.flyt.hypergrad import FunctionalCLIP, hypergradient_step, scorer_backward
+    from clipsift.training.flyt.scorer import GLUScorer
+    from clipsift.training.models import param_groups
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    cuda = device.type == "cuda"
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    torch.manual_seed(0)
+    ref = load_model(args.arch, "", device)
+    model = ref.model.eval()  # FLYT's mode (BatchNorm statistics frozen); the plain step uses the same
+    size = model.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    pool = MemoryData(find_shards(world / "pool" / "shards")[:1], size, args.arch, None, args.batch, 0)
+    idx = torch.from_numpy(pool.order.indices(0))
+    mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=device)
+    std = torch.tensor(model.visual.preprocess_cfg["std"], device=device)
+    images = normalize(pool.images[idx].to(device), mean, std)
+    tokens = pool.tokens[idx].long().to(device)
+    tasks = [t for t in load_tasks(world / "tasks.yaml") if t.name in args.tasks]
+    down = fdata.DownstreamBatches([fdata.load_task(t, "train", ref.preprocess, ref.tokenizer) for t in tasks],
+                                   args.down_batch, 0)
+    dbatch = down.batch(0).to(device)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn, repeats: int) -> list[float]:
+        fn()  # warm-up
+        out = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    # Plain CLIP step.
+    opt = torch.optim.AdamW(param_groups(model, 0.2), lr=5e-5, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = ClipLoss()
+
+    def plain() -> None:
+        with amp():
+            u, t, s = model(images, tokens)[:3]
+            loss = loss_fn(u, t, s)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    # FLYT step.
+    fmodel = FunctionalCLIP(model)
+    params = fmodel.params()
+    state = AdamWState.zeros_like(params)
+    decay = decayed_names(params)
+    dim = 2 * int(model.text_projection.shape[1])
+    psi = fdata.psi(torch.randn(args.batch, dim // 2), torch.randn(args.batch, dim // 2)).to(device)
+    scorer = GLUScorer(dim).to(device)
+    rho = torch.nn.Parameter(torch.tensor(2.6593, device=device))
+    sopt = torch.optim.AdamW(list(scorer.parameters()) + [rho], lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    phases = Timer()
+    holder = {"params": params, "state": state}
+
+    def flyt() -> None:
+        scores = scorer(psi)
+        w = torch.softmax(scores.detach().float(), 0)
+        res = hypergradient_step(fmodel, holder["params"], holder["state"], AdamWHyper(5e-5), decay, images, tokens,
+                                 w, lambda p: fdata.downstream_loss(lambda x, t: fmodel(p, x, t), dbatch, rho),
+                                 [rho], None, amp=amp, timer=phases)
+        sopt.zero_grad(set_to_none=True)
+        scorer_backward(scores, res.d)
+        rho.grad = res.extra_grads[0]
+        sopt.step()
+        holder["params"], holder["state"] = res.params, res.state
+
+    plain_s = timed(plain, args.repeats)
+    flyt_s = timed(flyt, args.repeats)
+    per_phase = {k: round(v / (args.repeats + 1), 4) for k, v in phases.as_dict().items()}
+    med_plain, med_flyt = statistics.median(plain_s), statistics.median(flyt_s)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result = {
+        "machine": {"device": str(device), "gpu": torch.cuda.get_device_name() if cuda else None,
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_1min": load,
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "setup": {"arch": args.arch, "upstream_batch": args.batch, "downstream_per_task": args.down_batch,
+                  "tasks": [t.name for t in tasks], "downstream_images": int(dbatch.images.shape[0]),
+                  "downstream_texts": int(dbatch.tokens.shape[0]), "precision": "bf16" if cuda else "fp32",
+                  "repeats": args.repeats},
+        "plain_step_s": plain_s, "flyt_step_s": flyt_s,
+        "median_plain_step_s": round(med_plain, 4), "median_flyt_step_s": round(med_flyt, 4),
+        "ratio_flyt_over_plain": round(med_flyt / med_plain, 3),
+        "flyt_phase_mean_s": per_phase,
+    }
+    print(f"{args.arch} on {device}: upstream batch {args.batch}, downstream {dbatch.images.shape[0]} images + "
+          f"{dbatch.tokens.shape[0]} texts ({len(tasks)} tasks)")
+    print(f"  plain CLIP step  median {med_plain:8.4f} s")
+    print(f"  FLYT step        median {med_flyt:8.4f} s   ratio {med_flyt / med_plain:.2f}x")
+    print("  FLYT phases (mean s): " + ", ".join(f"{k} {v}" for k, v in per_phase.items()))
+    if load is not None:
+        print(f"  1-min load average {load:.1f} on {os.cpu_count()} cores (other work shares them: compare the ratio)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""FLYT's mathematical core on a real tiny open_clip model and real world data.
+
+The central check: the efficient hypergradient (g; v through the AdamW step; a JVP of the
+embeddings; d at embedding level; the softmax VJP) equals plain autograd through the unrolled
+update with create_graph=True, for every scorer parameter and for ρ, in float64 to 1e-9.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+import clipsift.training  # noqa: F401  (registers world-rn-s)
+from clipsift import shards
+from clipsift.eval.tasks import load_tasks
+from clipsift.training.data import decode_image, normalize, tokenizer
+from clipsift.training.flyt import data as fdata
+from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, adamw_step, decayed_names
+from clipsift.training.flyt.hypergrad import (FunctionalCLIP, brute_force_objective, hypergradient_step,
+                                              scorer_backward)
+from clipsift.training.flyt.losses import clip_loss, weighted_clip_loss, zeroshot_loss
+from clipsift.training.flyt.scorer import GLUScorer, LinearMixer, standardisation
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+# ---------------------------------------------------------------- losses
+def test_weighted_clip_loss_is_flyts_formula_and_clip_loss_for_uniform_weights():
+    g = torch.Generator().manual_seed(0)
+    B, D = 7, 5
+    u, t = unit(torch.randn(B, D, generator=g, dtype=torch.float64)), unit(torch.randn(B, D, generator=g, dtype=torch.float64))
+    tau = torch.tensor(11.0, dtype=torch.float64)
+    w = torch.softmax(torch.randn(B, generator=g, dtype=torch.float64), 0)
+    ell = tau * u @ t.T
+    # flyt.md, term by term: L_i2t = −Σ_i w_i log(w_i e^{ℓ_ii} / Σ_j w_j e^{ℓ_ij}), L_t2i on columns.
+    i2t = -sum(w[i] * math.log(w[i] * math.exp(ell[i, i]) / sum(w[j] * math.exp(ell[i, j]) for j in range(B)))
+               for i in range(B))
+    t2i = -sum(w[j] * math.log(w[j] * math.exp(ell[j, j]) / sum(w[i] * math.exp(ell[i, j]) for i in range(B)))
+               for j in range(B))
+    assert float(weighted_clip_loss(u, t, tau, w)) == pytest.approx(float(i2t + t2i) / 2, rel=1e-12)
+    # Uniform weights: exactly open_clip's ClipLoss (no constant left over).
+    uniform = torch.full((B,), 1 / B, dtype=torch.float64)
+    expected = open_clip.ClipLoss()(u, t, tau)
+    assert float(weighted_clip_loss(u, t, tau, uniform)) == pytest.approx(float(expected), rel=1e-12)
+    assert float(clip_loss(u, t, tau)) == pytest.approx(float(expected), rel=1e-12)
+    # Down-weighting an example to ~0 removes it from the loss, as if the batch did not hold it.
+    w0 = torch.cat([torch.full((B - 1,), 1 / (B - 1), dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    assert float(weighted_clip_loss(u, t, tau, w0)) == pytest.approx(float(open_clip.ClipLoss()(u[:-1], t[:-1], tau)),
+                                                                      rel=1e-9)
+
+
+def test_zeroshot_loss_is_cross_entropy_with_learned_temperature():
+    g = torch.Generator().manual_seed(1)
+    img, cls = unit(torch.randn(6, 4, generator=g)), unit(torch.randn(3, 4, generator=g))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    rho = torch.tensor(math.log(1 / 0.07))
+    logits = (1 / 0.07) * img @ cls.T
+    expected = -torch.log_softmax(logits, 1)[torch.arange(6), labels].mean()
+    assert float(zeroshot_loss(img, cls, labels, rho)) == pytest.approx(float(expected), rel=1e-5)
+
+
+# ---------------------------------------------------------------- AdamW
+def test_functional_adamw_matches_torch_adamw_over_several_steps():
+    torch.manual_seed(0)
+    params = {"w": torch.randn(4, 3, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64),
+              "emb": torch.randn(5, 2, dtype=torch.float64)}
+    ref = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    hp = AdamWHyper(lr=1e-2, beta1=0.9, beta2=0.98, eps=1e-6, wd=0.2)
+    opt = torch.optim.AdamW([{"params": [ref["w"], ref["emb"]], "weight_decay": hp.wd},
+                             {"params": [ref["b"]], "weight_decay": 0.0}], lr=hp.lr, betas=(hp.beta1, hp.beta2),
+                            eps=hp.eps)
+    decay = decayed_names(params)
+    assert decay == {"w", "emb"}
+    state = AdamWState.zeros_like(params)
+    for step in range(4):
+        grads = {k: torch.randn_like(v) for k, v in params.items()}
+        grads["emb"][1] = 0.0  # an unused embedding row: zero gradient must not give NaN derivatives
+        for k, p in ref.items():
+            p.grad = grads[k].clone()
+        opt.step()
+        new, m, v = adamw_step(params, grads, state, hp, decay)
+        params, state = new, AdamWState(m, v, state.step + 1)
+        for k in params:
+            torch.testing.assert_close(params[k], ref[k].detach(), rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(state.exp_avg[k], opt.state[ref[k]]["exp_avg"], rtol=1e-12, atol=1e-14)
+    # Differentiable in g, finite where g = 0 (sqrt(v) at v = 0).
+    g = {k: torch.zeros_like(v, requires_grad=True) for k, v in params.items()}
+    new, _, _ = adamw_step(params, g, AdamWState.zeros_like(params), hp, decay)
+    (dg,) = torch.autograd.grad(new["w"].sum(), [g["w"]])
+    assert torch.isfinite(dg).all()
+
+
+# ---------------------------------------------------------------- the hypergradient
+def _pool_batch(world, n: int, size: int):
+    samples = [r for r in shards.read_shard(sorted((world / "pool" / "shards").glob("*.tar"))[0])
+               if isinstance(r, shards.Sample)]
+    images, texts = [], []
+    for rec in samples:
+        try:
+            images.append(torch.from_numpy(decode_image(rec.image, size)))
+        except Exception:  # the world plants a few undecodable images
+            continue
+        texts.append(rec.text)
+        if len(images) == n:
+            break
+    return torch.stack(images), tokenizer("world-rn-s")(texts).long()
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(ci_world):
+    """world-rn-s (random init, eval mode) with real pool pairs and real downstream tasks."""
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("world-rn-s")
+    model.eval()
+    images, tokens = _pool_batch(ci_world, 8, 32)
+    mean, std = (torch.tensor(model.visual.preprocess_cfg[k]) for k in ("mean", "std"))
+    tasks = {t.name: t for t in load_tasks(ci_world / "tasks.yaml")}
+    tok = open_clip.get_tokenizer("world-rn-s")
+    task_data = [fdata.load_task(tasks[name], "train", preprocess, tok) for name in ("shapes", "count", "retrieval")]
+    down = fdata.DownstreamBatches(task_data, 4, seed=0).batch(step=3)
+    return model, normalize(images, mean, std), tokens, down
+
+
+def _check_against_brute_force(tiny_setup, dtype, rtol, atol):
+    model, images, tokens, down = tiny_setup
+    model = model.to(dtype)
+    images, down = images.to(dtype), fdata.DownBatch(down.images.to(dtype), down.tokens, down.parts)
+    fm = FunctionalCLIP(model)
+    params = fm.params()
+    with torch.no_grad():
+        u, t, _ = model(images, tokens)
+    torch.manual_seed(1)
+    scorer = GLUScorer(2 * u.shape[1]).to(dtype)
+    psi = fdata.psi(u, t).to(dtype) + 0.1 * torch.randn(u.shape[0], 2 * u.shape[1], dtype=dtype)
+    rho = torch.tensor(math.log(1 / 0.07), dtype=dtype, requires_grad=True)
+    project = lambda p: {**p, "logit_scale": p["logit_scale"].clamp(2.0, math.log(100))}  # noqa: E731
+    down_loss = lambda p: fdata.downstream_loss(lambda x, tk: fm(p, x, tk), down, rho)  # noqa: E731
+    decay = decayed_names(params)
+    hp = AdamWHyper(lr=1e-3, wd=0.2)
+    # A first real step gives the AdamW history (moments, t = 1) the checked step starts from.
+    w = torch.softmax(scorer(psi), 0).detach()
+    first = hypergradient_step(fm, params, AdamWState.zeros_like(params), hp, decay, images, tokens, w, down_loss,
+                               [rho], project)
+    params, state = first.params, first.state
+
+    scores = scorer(psi)
+    res = hypergradient_step(fm, params, state, hp, decay, images, tokens, torch.softmax(scores.detach(), 0),
+                             down_loss, [rho], project)
+    scorer.zero_grad()
+    scorer_backward(scores, res.d)
+    efficient = [p.grad.clone() for p in scorer.parameters()] + [res.extra_grads[0]]
+
+    J = brute_force_objective(fm, params, state, hp, decay, images, tokens, torch.softmax(scorer(psi), 0),
+                              down_loss, project)
+    brute = torch.autograd.grad(J, list(scorer.parameters()) + [rho])
+    assert float(J.detach()) == pytest.approx(res.down_loss, rel=1e-6)
+    names = [n for n, _ in scorer.named_parameters()] + ["rho"]
+    scale = max(float(b.abs().max()) for b in brute)
+    for name, a, b in zip(names, efficient, brute):
+        if name == "blocks.0.w2.bias":  # softmax ignores a shift of every score: exactly 0 both ways
+            assert float(a.abs().max()) < 1e-6 * scale and float(b.abs().max()) < 1e-6 * scale
+            continue
+        assert float(b.abs().max()) > 1e-3 * scale, name  # a real signal, not two zeros
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, msg=name)
+    # θ' of the efficient path is the AdamW step of g: the downstream loss it reports is at θ'.
+    assert float(down_loss(res.params).detach()) == pytest.approx(res.down_loss, rel=1e-6)
+
+
+def test_efficient_hypergradient_equals_autograd_through_the_unrolled_step_float64(tiny_setup):
+    _check_against_brute_force(tiny_setup, torch.float64, rtol=1e-9, atol=1e-9)
+
+
+def test_efficient_hypergradient_equals_autograd_through_the_unrolled_step_float32(tiny_setup):
+    _check_against_brute_force(tiny_setup, torch.float32, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- scorers
+def test_glu_clip_score_init_starts_as_scaled_cosine():
+    torch.manual_seed(0)
+    D = 64
+    u, t = unit(torch.randn(500, D)), unit(torch.randn(500, D))
+    t[:250] = unit(u[:250] + 0.3 * torch.randn(250, D))  # half the pairs aligned: cosines spread over [-0.3, 0.95]
+    scorer = GLUScorer(2 * D)
+    scorer.init_as_clip_score(scale=10.0)
+    cos = (u * t).sum(1)
+    s = scorer(fdata.psi(u, t)).detach()
+    assert float((s - 10 * cos).abs().max()) < 0.02 * 10
+    assert np.corrcoef(s.numpy(), cos.numpy())[0, 1] > 0.9999
+    with pytest.raises(ValueError, match="hidden >= input dim"):
+        GLUScorer(2 * D, hidden=D).init_as_clip_score(10.0)
+
+
+def test_mixer_standardises_inputs_and_treats_missing_as_mean():
+    x = torch.tensor([[1.0, 10.0], [3.0, float("nan")], [5.0, 30.0]])
+    mean, std = standardisation(x)
+    assert mean == pytest.approx([3.0, 20.0]) and std == pytest.approx([2.0, math.sqrt(200)])
+    mixer = LinearMixer(["a", "b"], mean, std)
+    with torch.no_grad():
+        mixer.linear.weight[:] = torch.tensor([[1.0, 2.0]])
+    s = mixer(x)
+    assert s.tolist() == pytest.approx([-1 - 2 * 10 / math.sqrt(200), 0.0, 1 + 2 * 10 / math.sqrt(200)])
+    assert set(mixer.weights()) == {"a", "b", "(bias)"}

@@ -1,0 +1,106 @@
+"""Configs of `clipsift flyt` (learned scorer on CLIP embeddings) and `clipsift mflyt` (score mixer).
+
+Both train a scorer q_φ with the same FLYT loop; they differ only in the scorer and its inputs.
+Defaults are the paper's (flyt.md) where they make sense at any scale; presets scale batch sizes
+and steps to the world (configs/flyt/*.yaml, configs/mflyt/*.yaml).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ReferenceConfig:
+    """The reference CLIP f_θ, trained online by the loop (initialised from a pretrained CLIP)."""
+
+    arch: str = "world-rn-s"  # open_clip architecture
+    pretrained: str = ""  # checkpoint file or training run folder; "" = <world>/models/b32
+    lr: float = 5e-5
+    wd: float = 0.2  # on >= 2-D weights only
+    # The log logit scale (ln τ) is clamped to [min, max] after each update, as FLYT does.
+    logit_scale_min: float = 2.0
+    logit_scale_max: float = math.log(100)
+
+
+@dataclass
+class DownstreamConfig:
+    tasks: str = ""  # task list (tasks.yaml); "" = <world>/tasks.yaml
+    names: list[str] = field(default_factory=list)  # tasks to use (default: every task in the list)
+    split: str = "train"  # the split FLYT learns from (never the evaluation split)
+    batch_size: int = 3072  # examples per task and step (global; fewer if the split is smaller)
+    rho_init: float = math.log(1 / 0.07)  # ρ: log temperature of the zero-shot heads (learned)
+
+
+@dataclass
+class LoopConfig:
+    out: str = "runs/flyt"  # run directory: checkpoints/, scorer.pt, scores/, config.yaml, stats.json
+    world: str = ""  # a world folder: fills pool, metadata, downstream.tasks and reference.pretrained
+    pool: str = ""  # pool shards folder; "" = <world>/pool/shards
+    metadata: str = ""  # required: the pipeline's OUT/metadata for this pool (parquet + npz embeddings/scores)
+    seed: int = 0  # scorer init, batch order, templates
+    steps: int = 5000
+    batch_size: int = 4096  # global upstream batch (the softmax of the scores is over all of it)
+    warmup: int = 100  # linear warmup, then cosine to 0 (both learning rates)
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    score_pool: bool = True  # after training, score every row of `metadata` into <out>/scores/
+    # Execution: these do not change what is learned (up to floating point).
+    device: str = "auto"  # auto: cuda when available, else cpu
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
+    threads: int | None = None  # torch CPU threads per process (None: cores / local processes)
+    workers: int = 0  # DataLoader processes decoding the pool shards at start-up
+    checkpoint_every: int = 100
+    resume: str | None = None  # "latest" or a checkpoint path
+    stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 2:
+            raise ValueError("steps must be >= 1 and batch_size >= 2")
+
+
+@dataclass
+class ScorerConfig:
+    """FLYT's GLU head on Ψ = [image emb; text emb] of a frozen CLIP."""
+
+    embeddings: str = "b32"  # the pipeline model whose <name>_img / <name>_txt arrays are Ψ
+    hidden: int = 0  # 0 = the input dimension (the paper's choice)
+    depth: int = 1  # GLU blocks
+    init: Literal["random", "clip_score"] = "random"  # clip_score: start as init_scale * cosine(img, txt)
+    init_scale: float = 10.0
+    lr: float = 1e-3
+    wd: float = 0.2  # on >= 2-D weights only
+
+
+@dataclass
+class FlytConfig(LoopConfig):
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    column: str = "flyt_score"  # name of the output score column
+
+
+@dataclass
+class MixerConfig:
+    """M-FLYT's linear mixer over score columns (standardised with the pool's mean and std)."""
+
+    columns: list[str] = field(default_factory=lambda: ["clip_b32_similarity_score", "clip_l14_similarity_score"])
+    # More folders of per-uid score parquets joined to `metadata` by uid (e.g. a FLYT run's scores/).
+    extra_metadata: list[str] = field(default_factory=list)
+    lr: float = 1e-3
+    wd: float = 0.0
+
+
+@dataclass
+class MFlytConfig(LoopConfig):
+    mixer: MixerConfig = field(default_factory=MixerConfig)
+    column: str = "mflyt_score"
+
+
+# Keys that may differ between a run and its resumption (they do not change the result).
+RESUME_FREE_KEYS = frozenset({"out", "resume", "stop_after_steps", "checkpoint_every", "log_every", "progress",
+                              "threads", "device", "workers", "score_pool"})

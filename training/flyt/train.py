@@ -1,0 +1,399 @@
+"""The FLYT training loop, shared by FLYT (GLU scorer on embeddings) and M-FLYT (linear mixer).
+
+Per step: draw the global upstream batch (pool images + captions for the reference model, Ψ for
+the scorer), weights w = softmax(q_φ(Ψ)) over the global batch, one hypergradient step
+(hypergrad.py: dJ/dw and θ'), ∇φ J by the VJP of the softmax, φ <- AdamW(φ), θ <- θ'. The
+reference model starts from a pretrained CLIP and keeps training with the functional AdamW whose
+history is in the checkpoint. Afterwards the pool is scored with q_φ (one forward per example).
+
+Run directory: config.yaml, checkpoints/latest.pt (everything to resume), scorer.pt (what a
+score head needs), scores/<stem>.parquet (uid + score column, row-aligned with the metadata),
+stats.json (losses over time, timings, counts), train.log; M-FLYT also mixer_weights.json.
+Data parallel under torchrun: each rank takes a slice of the global batch; scores are gathered
+so the softmax is over the global batch; gradients are summed (see hypergrad.Comm).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from clipsift import config, formats
+from clipsift.runlog import Timer, atomic_path, write_json
+from clipsift.training.data import normalize
+from clipsift.training.flyt import data as fdata
+from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, decayed_names
+from clipsift.training.flyt.config import RESUME_FREE_KEYS, FlytConfig, LoopConfig, MFlytConfig
+from clipsift.training.flyt.heads import SCORER_FILE, features_from_inputs
+from clipsift.training.flyt.hypergrad import Comm, FunctionalCLIP, hypergradient_step, scorer_backward
+from clipsift.training.flyt.scorer import GLUScorer, LinearMixer, standardisation
+
+log = logging.getLogger("clipsift.training.flyt")
+CHECKPOINT = Path("checkpoints") / "latest.pt"
+
+
+@dataclass
+class ScorerSetup:
+    """What differs between FLYT and M-FLYT: the scorer, its inputs and its optimiser settings."""
+
+    kind: str  # flyt | mflyt
+    scorer: torch.nn.Module
+    features: fdata.Features
+    inputs: list[str]  # pipeline names the scorer reads (saved in scorer.pt)
+    lr: float
+    wd: float
+
+
+def run(cfg: LoopConfig) -> Path:
+    """Train the scorer of cfg (FlytConfig or MFlytConfig), then score the pool. Returns the run dir."""
+    _fill_from_world(cfg)
+    rank, world_size, local_rank = _init_distributed(cfg.device)
+    device = _device(cfg.device, local_rank)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    run_dir = Path(cfg.out)
+    handler = _log_to(run_dir / "train.log") if rank == 0 else None
+    try:
+        return _run(cfg, run_dir, device)
+    finally:
+        torch.set_num_threads(old_threads)
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _fill_from_world(cfg: LoopConfig) -> None:
+    if not cfg.world:
+        return
+    world = Path(cfg.world)
+    cfg.pool = cfg.pool or str(world / "pool" / "shards")
+    cfg.downstream.tasks = cfg.downstream.tasks or str(world / "tasks.yaml")
+    cfg.reference.pretrained = cfg.reference.pretrained or str(world / "models" / "b32")
+
+
+def setup_scorer(cfg: LoopConfig) -> ScorerSetup:
+    """The scorer and its features for this config (seed torch first: the init is random)."""
+    if not cfg.metadata:
+        raise ValueError("metadata is required: the pipeline's OUT/metadata folder for this pool "
+                         "(DataComp parquet + npz; `clipsift embed` writes it)")
+    if isinstance(cfg, FlytConfig):
+        sc = cfg.scorer
+        names = [f"{sc.embeddings}_img", f"{sc.embeddings}_txt"]
+        feats = fdata.embedding_features(cfg.metadata, *names)
+        scorer = GLUScorer(feats.values.shape[1], sc.hidden or None, sc.depth)
+        if sc.init == "clip_score":
+            scorer.init_as_clip_score(sc.init_scale)
+        return ScorerSetup("flyt", scorer, feats, names, sc.lr, sc.wd)
+    if isinstance(cfg, MFlytConfig):
+        mc = cfg.mixer
+        feats = fdata.column_features([cfg.metadata, *mc.extra_metadata], mc.columns)
+        mean, std = standardisation(torch.from_numpy(feats.values))
+        return ScorerSetup("mflyt", LinearMixer(mc.columns, mean, std), feats, list(mc.columns), mc.lr, mc.wd)
+    raise TypeError(f"not a FLYT config: {type(cfg).__name__}")
+
+
+def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
+    from clipsift.eval.models import load_model
+    from clipsift.eval.tasks import load_tasks
+    from clipsift.training.loop import cosine_lr
+
+    comm = Comm()
+    timer = Timer()
+    t_start = time.perf_counter()
+    resolved = config.to_dict(cfg)
+    ckpt_path = run_dir / CHECKPOINT
+    state = _resume_state(cfg, run_dir, resolved)
+    if comm.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.dump(cfg, run_dir / "config.yaml")
+    if cfg.batch_size % comm.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {comm.world_size} ranks")
+
+    # Reference model (eval mode: BatchNorm statistics frozen, see hypergrad.py), scorer, ρ.
+    if not cfg.reference.pretrained:
+        raise ValueError("reference.pretrained is required (a pretrained CLIP checkpoint or run folder; "
+                         "with world=DIR it is DIR/models/b32, see `clipsift train --reference-models`)")
+    with timer("load_models"):
+        ref = load_model(cfg.reference.arch, cfg.reference.pretrained, device)
+    model = ref.model.eval()
+    fmodel = FunctionalCLIP(model)
+    torch.manual_seed(cfg.seed)
+    with timer("load_features"):
+        setup = setup_scorer(cfg)
+    scorer = setup.scorer.to(device)
+    rho = torch.nn.Parameter(torch.tensor(cfg.downstream.rho_init, device=device))
+    decay = [p for p in scorer.parameters() if p.ndim >= 2]
+    no_decay = [p for p in scorer.parameters() if p.ndim < 2] + [rho]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": setup.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=setup.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+    # Data: the pool (decoded once) with Ψ, and the downstream tasks' training splits.
+    size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list))
+               else model.visual.image_size)
+    with timer("load_pool"):
+        pool = fdata.PoolBatches(cfg.pool, cfg.reference.arch, size, setup.features, cfg.batch_size, cfg.seed,
+                                 workers=cfg.workers, progress=cfg.progress and comm.rank == 0)
+    with timer("load_tasks"):
+        tasks = load_tasks(cfg.downstream.tasks)
+        if cfg.downstream.names:
+            unknown = sorted(set(cfg.downstream.names) - {t.name for t in tasks})
+            if unknown:
+                raise ValueError(f"downstream.names: {unknown} not in {cfg.downstream.tasks}")
+            tasks = [t for t in tasks if t.name in cfg.downstream.names]
+        task_data = [fdata.load_task(t, cfg.downstream.split, ref.preprocess, ref.tokenizer) for t in tasks]
+        down = fdata.DownstreamBatches(task_data, cfg.downstream.batch_size, cfg.seed)
+    mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=device)
+    std = torch.tensor(model.visual.preprocess_cfg["std"], device=device)
+
+    params = fmodel.params()
+    ref_state = AdamWState.zeros_like(params)
+    start, rows, prior_seconds = 0, [], 0.0
+    if state is not None:
+        model.load_state_dict(state["reference"])
+        params = fmodel.params()
+        ref_state = AdamWState.from_state_dict(state["reference_opt"], device)
+        scorer.load_state_dict(state["scorer"])
+        with torch.no_grad():
+            rho.copy_(state["rho"])
+        opt.load_state_dict(state["scorer_opt"])
+        start, rows, prior_seconds = int(state["step"]), list(state["log"]), float(state["train_seconds"])
+        log.info("resuming %s at step %d/%d", ckpt_path, start, cfg.steps)
+    decay_names = decayed_names(params)
+    cuda = device.type == "cuda"
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    amp: Callable[[], Any] = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
+                              else contextlib.nullcontext)
+    lo, hi = cfg.reference.logit_scale_min, cfg.reference.logit_scale_max
+
+    def project(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**p, "logit_scale": p["logit_scale"].clamp(lo, hi)} if "logit_scale" in p else p
+
+    def save(step: int) -> None:
+        if comm.rank != 0:
+            return
+        with timer("checkpoint"):
+            fmodel.load(params)
+            from clipsift.training import checkpoint
+
+            checkpoint.save(run_dir / CHECKPOINT, {
+                "step": step, "config": resolved, "kind": setup.kind, "scorer": scorer.state_dict(),
+                "scorer_spec": scorer.spec, "inputs": setup.inputs, "rho": rho.detach().cpu(),
+                "scorer_opt": opt.state_dict(), "reference": model.state_dict(), "name": cfg.reference.arch,
+                "reference_opt": ref_state.state_dict(), "log": rows,
+                "train_seconds": prior_seconds + timer.seconds.get("train", 0.0)})
+
+    rows_local = comm.local_rows(cfg.batch_size)
+    end = min(cfg.steps, cfg.stop_after_steps) if cfg.stop_after_steps is not None else cfg.steps
+    log.info("%s: reference %s on %s x%d (%s), pool %d usable, %d tasks, steps %d..%d of %d, batch %d",
+             setup.kind, cfg.reference.arch, device, comm.world_size, "bf16 autocast" if bf16 else "fp32",
+             len(pool), len(task_data), start, end, cfg.steps, cfg.batch_size)
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", desc=setup.kind, dynamic_ncols=True,
+               disable=not cfg.progress or comm.rank != 0)
+    step = start
+    try:
+        with timer("train"):
+            for step in range(start, end):
+                t0 = time.perf_counter()
+                lr_ref = cosine_lr(step, cfg.reference.lr, cfg.warmup, cfg.steps)
+                lr_phi = cosine_lr(step, setup.lr, cfg.warmup, cfg.steps)
+                images, tokens, feats, _ = pool.batch(step, rows_local)
+                images = normalize(images.to(device, non_blocking=True), mean, std)
+                tokens, feats = tokens.to(device, non_blocking=True), feats.to(device, non_blocking=True)
+                dbatch = down.batch(step, comm.rank, comm.world_size).to(device)
+                scores = scorer(feats)
+                w = torch.softmax(comm.gather(scores.detach().float()), dim=0)
+
+                def down_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                    return fdata.downstream_loss(lambda x, t: fmodel(p, x, t), dbatch, rho)
+
+                res = hypergradient_step(fmodel, params, ref_state,
+                                         AdamWHyper(lr_ref, cfg.beta1, cfg.beta2, cfg.eps, cfg.reference.wd),
+                                         decay_names, images, tokens, w, down_loss, [rho], project, comm, amp)
+                opt.zero_grad(set_to_none=True)
+                scorer_backward(scores, res.d, comm)
+                rho.grad = res.extra_grads[0].to(rho.dtype)
+                comm.sum_([p.grad for p in scorer.parameters() if p.grad is not None])
+                for group in opt.param_groups:
+                    group["lr"] = lr_phi
+                opt.step()
+                params, ref_state = res.params, res.state
+                done = step + 1
+                if done % cfg.log_every == 0 or done == end:
+                    rows.append(_log_row(done, res, w, lr_ref, lr_phi, rho, params, time.perf_counter() - t0, comm))
+                    log.info("step %d/%d up %.4f down %.4f ess %.3f", done, cfg.steps, rows[-1]["up_loss"],
+                             rows[-1]["down_loss"], rows[-1]["ess_fraction"])
+                    bar.set_postfix(up=f"{rows[-1]['up_loss']:.3f}", down=f"{rows[-1]['down_loss']:.3f}")
+                bar.update(1)
+                if done % cfg.checkpoint_every == 0 and done != end:
+                    save(done)
+            step = end
+    finally:
+        bar.close()
+    save(step)
+
+    out: dict[str, Any] = {}
+    finished = step >= cfg.steps
+    if comm.rank == 0:
+        write_scorer(run_dir / SCORER_FILE, setup, scorer, cfg, step)
+        if setup.kind == "mflyt":
+            weights = scorer.weights()
+            write_json(run_dir / "mixer_weights.json", weights)
+            out["mixer_weights"] = weights
+            log.info("M-FLYT weights (standardised inputs): %s",
+                     ", ".join(f"{k} {v:+.3f}" for k, v in weights.items()))
+        if cfg.score_pool and finished:
+            with timer("score_pool"):
+                out["scored"] = score_metadata(scorer, setup, cfg, run_dir / "scores", device)
+    timer.seconds["total"] = time.perf_counter() - t_start
+    if comm.rank == 0:
+        write_json(run_dir / "stats.json", _stats(cfg, setup, pool, task_data, step, start, device, comm, bf16,
+                                                  timer, prior_seconds, rows, out))
+    if comm.distributed:
+        dist.barrier()
+    return run_dir
+
+
+def _log_row(step, res, w, lr_ref, lr_phi, rho, params, seconds, comm) -> dict[str, Any]:
+    n = w.numel()
+    return {"step": step, "up_loss": round(res.up_loss, 6), "down_loss": round(_mean(res.down_loss, comm), 6),
+            # effective sample size of the weights as a fraction of the batch (1 = uniform)
+            "ess_fraction": round(float(1.0 / (w * w).sum() / n), 4), "w_max_x_batch": round(float(w.max() * n), 3),
+            "lr_reference": lr_ref, "lr_scorer": lr_phi, "rho": round(float(rho.detach()), 4),
+            "logit_scale": round(float(params["logit_scale"].exp()), 3) if "logit_scale" in params else None,
+            "step_seconds": round(seconds, 4)}
+
+
+def _mean(x: float, comm: Comm) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    comm.mean_([t])
+    return float(t)
+
+
+def write_scorer(path: Path, setup: ScorerSetup, scorer: torch.nn.Module, cfg: LoopConfig, step: int) -> None:
+    from clipsift.training import checkpoint
+
+    checkpoint.save(path, {"kind": setup.kind, "spec": scorer.spec, "inputs": setup.inputs, "column": cfg.column,
+                           "state_dict": {k: v.detach().cpu() for k, v in scorer.state_dict().items()},
+                           "step": step, "reference": cfg.reference.arch})
+
+
+@torch.no_grad()
+def score_metadata(scorer: torch.nn.Module, setup: ScorerSetup, cfg: LoopConfig, out: Path,
+                   device: torch.device) -> dict[str, Any]:
+    """Score every row of the metadata folder: out/<stem>.parquet with uid and the score column,
+    row-aligned with the input (a folder another M-FLYT run can read as extra_metadata)."""
+    from clipsift.filters.pool import MetadataPool
+
+    scorer.eval()
+    pool = MetadataPool(cfg.metadata)
+    if setup.kind == "flyt":  # Ψ from the npz, one metadata file per batch
+        batches = pool.batches({"uid"}, set(setup.inputs), batch_size=max(pool.rows))
+        for path, batch in zip(pool.files, batches):
+            x = features_from_inputs("flyt", [torch.from_numpy(batch.embedding(k)) for k in setup.inputs])
+            _write_scores(out / f"{path.stem}.parquet", list(batch.column("uid")),
+                          scorer(x.to(device)).float().cpu().numpy(), cfg.column)
+    else:  # the mixer's inputs were all read already, in the row order of the main metadata folder
+        values = torch.from_numpy(setup.features.values)
+        offset = 0
+        for path, n in zip(pool.files, pool.rows):
+            _write_scores(out / f"{path.stem}.parquet", setup.features.uids[offset : offset + n],
+                          scorer(values[offset : offset + n].to(device)).float().cpu().numpy(), cfg.column)
+            offset += n
+    rows = pool.num_rows
+    scorer.train()
+    return {"rows": rows, "folder": str(out), "column": cfg.column}
+
+
+def _write_scores(path: Path, uids: list[str], scores: np.ndarray, column: str) -> None:
+    table = pa.table({"uid": pa.array(uids, pa.string()), column: pa.array(scores.astype(np.float32),
+                                                                          formats.SCORE_TYPE)})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _stats(cfg, setup, pool, task_data, step, start, device, comm, bf16, timer, prior_seconds, rows, out):
+    train_s = timer.seconds.get("train", 0.0)
+    return {
+        "done": step >= cfg.steps, "kind": setup.kind, "steps": step, "steps_total": cfg.steps,
+        "resumed_at_step": start or None, "batch_size": cfg.batch_size, "device": str(device),
+        "world_size": comm.world_size, "precision": "bf16" if bf16 else "fp32",
+        "pool": pool.stats(), "features": {"inputs": setup.inputs, "rows": len(setup.features.uids)},
+        "downstream": {t.name: {"kind": t.kind, "examples": int(t.images.shape[0]), "records": t.counts}
+                       for t in task_data},
+        "timings": timer.as_dict(), "train_seconds_all_sessions": round(prior_seconds + train_s, 3),
+        "seconds_per_step": round(train_s / (step - start), 4) if step > start else None,
+        "final": rows[-1] if rows else None, "log": rows, **out,
+    }
+
+
+def _resume_state(cfg: LoopConfig, run_dir: Path, resolved: dict[str, Any]) -> dict[str, Any] | None:
+    from clipsift.training import checkpoint
+
+    path = run_dir / CHECKPOINT
+    if cfg.resume is None:
+        if path.is_file():
+            raise FileExistsError(f"{run_dir} already holds a checkpoint; pass resume=latest to continue it "
+                                  "or choose another out")
+        return None
+    if cfg.resume != "latest":
+        path = Path(cfg.resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"resume: no checkpoint at {path}")
+    elif not path.is_file():
+        return None
+    state = checkpoint.load(path)
+    a, b = _flat(state["config"]), _flat(resolved)
+    differ = sorted(k for k in set(a) | set(b) if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k))
+    if differ:
+        raise ValueError(f"resume: {path} was trained with a different config "
+                         f"({', '.join(f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in differ[:5])})")
+    return state
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _init_distributed(device: str) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; a process group when > 1 process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and not dist.is_initialized():
+        use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return (dist.get_rank() if world_size > 1 else 0), world_size, local_rank
+
+
+def _device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(f"cuda:{local_rank}") if device == "cuda" else torch.device(device)
+
+
+def _log_to(path: Path) -> logging.Handler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
