@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import warnings
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -87,18 +88,41 @@ class SubsetWeights:
 
 
 # ---------------------------------------------------------------- decoding
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Encoded image -> uint8 [3, size, size]: shortest side resized to `size` (bicubic), centre
-    crop, as open_clip's eval preprocessing does. Raises on any undecodable input."""
-    img = Image.open(io.BytesIO(data))
-    img.load()  # a truncated file raises here rather than decoding garbage
-    img = img.convert("RGB")
-    if img.size != (size, size):
-        import torchvision.transforms.functional as TF
-        from torchvision.transforms import InterpolationMode
+def _torchvision_decoder():
+    """torchvision's C++ image decoder, or None where a release no longer ships it (deprecated
+    since 0.29 in favour of torchcodec): then PIL does all the decoding."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_image
+    except ImportError:
+        return None
+    return lambda data: decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
-        img = TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.BICUBIC), [size, size])
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+_TV_DECODE = _torchvision_decoder()
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Encoded image -> uint8 [3, size, size]: shortest side resized to `size` (bicubic, antialiased),
+    centre crop, as open_clip's eval preprocessing does. Raises on any undecodable input.
+
+    torchvision's C++ decoders first (3-4x faster than PIL on small JPEGs; they refuse truncated
+    files exactly where PIL does), PIL for the formats they lack (BMP, TIFF, ...)."""
+    import torchvision.transforms.v2.functional as TF
+
+    try:
+        if _TV_DECODE is None:
+            raise RuntimeError("no torchvision decoder")
+        img = _TV_DECODE(data)
+    except RuntimeError:
+        pil = Image.open(io.BytesIO(data))
+        pil.load()  # a truncated file raises here rather than decoding garbage
+        img = torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
+    if img.shape[1:] != (size, size):
+        img = TF.center_crop(TF.resize(img, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True),
+                             [size, size])
+    return img.numpy()
 
 
 @functools.lru_cache(maxsize=4)
@@ -167,6 +191,9 @@ class Batch:
     uids: list[str]
     counts: dict[str, Any] | None = None  # stream mode: records read while filling this batch
 
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True): async host-to-GPU copies
+        return Batch(self.images.pin_memory(), self.tokens.pin_memory(), self.uids, self.counts)
+
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 [b,3,S,S] -> float, normalised as open_clip's preprocessing does (mean/std per channel)."""
@@ -201,6 +228,7 @@ class SampleOrder:
             raise ValueError("no usable samples selected: nothing to train on")
         self.batch_size, self.seed = batch_size, seed
         self._pass: tuple[int, np.ndarray] | None = None
+        self._on_device: torch.Tensor | None = None
 
     @property
     def pass_size(self) -> int:
@@ -209,17 +237,30 @@ class SampleOrder:
     def _permutation(self, p: int) -> np.ndarray:
         if self._pass is None or self._pass[0] != p:
             self._pass = (p, self.multiset[np.random.default_rng([self.seed, p]).permutation(self.multiset.size)])
+            self._on_device = None
         return self._pass[1]
 
-    def indices(self, step: int) -> np.ndarray:
+    def _segments(self, step: int) -> Iterator[tuple[int, int, int]]:
+        """(pass, offset, length) pieces of the global batch of `step` (a batch may straddle passes)."""
         start, stop = step * self.batch_size, (step + 1) * self.batch_size
-        out = []
         while start < stop:
             p, offset = divmod(start, self.pass_size)
             take = min(stop - start, self.pass_size - offset)
-            out.append(self._permutation(p)[offset : offset + take])
+            yield p, offset, take
             start += take
-        return np.concatenate(out)
+
+    def indices(self, step: int) -> np.ndarray:
+        return np.concatenate([self._permutation(p)[o : o + n] for p, o, n in self._segments(step)])
+
+    def device_indices(self, step: int, device: torch.device) -> torch.Tensor:
+        """indices(step) as a tensor on `device`: one copy per pass, so steps never wait on the host."""
+        out = []
+        for p, o, n in self._segments(step):
+            perm = self._permutation(p)
+            if self._on_device is None or self._on_device.device != device:
+                self._on_device = torch.from_numpy(perm).to(device, non_blocking=False)
+            out.append(self._on_device[o : o + n])
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class MemoryData:
@@ -245,7 +286,7 @@ class MemoryData:
             images.append(torch.from_numpy(d.images))
             tokens.append(tok)
             weights.append(d.weights)
-        self.uids = uids
+        self.uids = np.array(uids, dtype=object)
         self.images = torch.cat(images)
         self.tokens = torch.cat([t for t in tokens if t.numel()]) if uids else torch.zeros(0, 1, dtype=torch.int32)
         self.weights = np.concatenate(weights)
@@ -261,10 +302,11 @@ class MemoryData:
         return self
 
     def batches(self, start_step: int) -> Iterator[Batch]:
+        device = self.images.device
         for step in count(start_step):
             idx = self.order.indices(step)[self.local]
-            sel = torch.from_numpy(idx).to(self.images.device)
-            yield Batch(self.images[sel], self.tokens[sel].long(), [self.uids[i] for i in idx])
+            sel = torch.from_numpy(idx) if device.type == "cpu" else self.order.device_indices(step, device)[self.local]
+            yield Batch(self.images[sel], self.tokens[sel].long(), self.uids[idx].tolist())
 
     def duplicates_in_batch(self, steps: int) -> int:
         """Samples that were a repeat of another in the same global batch (false negatives for the loss)."""

@@ -38,6 +38,50 @@ def cosine_lr(step: int, base_lr: float, warmup: int, steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / span)) * base_lr
 
 
+class Stepper:
+    """The model, its optimiser and loss, and one optimisation step on a batch of uint8 images
+    and tokens. Shared by train() and benchmarks/train.py (its data-free ceiling)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, rank: int = 0, world_size: int = 1):
+        torch.manual_seed(cfg.seed)
+        self.model = model = create_model(cfg.model, device)
+        if world_size > 1 and cfg.sync_bn:
+            use_global_batchnorm(model)
+        self.device, self.grad_clip_norm = device, cfg.grad_clip_norm
+        self.mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=device)
+        self.std = torch.tensor(model.visual.preprocess_cfg["std"], device=device)
+        cuda = device.type == "cuda"
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                           eps=cfg.eps, **({"fused": True} if cuda else {}))
+        self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank,
+                                world_size=world_size)
+        self.forward = model
+        if world_size > 1:
+            self.forward = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device] if cuda else None, broadcast_buffers=not cfg.sync_bn)
+        model.train()
+
+    def step(self, images: torch.Tensor, tokens: torch.Tensor, lr: float) -> torch.Tensor:
+        """One AdamW step at learning rate `lr`; returns the (local) loss, not synchronised."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = normalize(images.to(self.device, non_blocking=True), self.mean, self.std)
+        tokens = tokens.to(self.device, non_blocking=True)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with autocast:
+            image_features, text_features, logit_scale = self.forward(images, tokens)[:3]
+            loss = self.loss_fn(image_features, text_features, logit_scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+        self.optimizer.step()
+        with torch.no_grad():  # as open_clip: keep the temperature in [1, 100]
+            self.model.logit_scale.clamp_(0, math.log(100))
+        return loss.detach()
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train to cfg.samples_seen (or stop_after_steps) and return the run directory."""
     run = Path(cfg.out)
@@ -79,28 +123,13 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world_size: int, device: torc
         checkpoint.remove_stale_temporaries(run)
         config.dump(cfg, run / "config.yaml")
 
-    # Model, optimiser, loss.
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, device)
-    if world_size > 1 and cfg.sync_bn:
-        use_global_batchnorm(model)
-    size = image_size(model)
-    context = int(model.context_length)
-    mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=device)
-    std = torch.tensor(model.visual.preprocess_cfg["std"], device=device)
-    cuda = device.type == "cuda"
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  eps=cfg.eps, **({"fused": True} if cuda else {}))
-    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
-    ddp = model
-    if world_size > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if cuda else None, broadcast_buffers=not cfg.sync_bn)
+    stepper = Stepper(cfg, device, rank, world_size)
+    model, optimizer = stepper.model, stepper.optimizer
+    size, cuda, bf16 = image_size(model), device.type == "cuda", stepper.bf16
 
     with timer("load_data"):
-        data, notes = open_data(cfg.data, cfg.model, size, context * 4, cfg.batch_size, cfg.seed, rank, world_size,
-                                progress=cfg.progress and rank == 0, pin_memory=cuda)
+        data, notes = open_data(cfg.data, cfg.model, size, int(model.context_length) * 4, cfg.batch_size, cfg.seed,
+                                rank, world_size, progress=cfg.progress and rank == 0, pin_memory=cuda)
         if data.mode == "memory" and cuda:
             data.to(device)
 
@@ -137,8 +166,6 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world_size: int, device: torc
     bar = tqdm(total=steps, initial=start, unit="step", desc=f"train {cfg.model}", dynamic_ncols=True,
                disable=not cfg.progress or rank != 0)
     batches = data.batches(start)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    model.train()
     t_train = time.perf_counter()
     window = (t_train, start)
     step, loss = start, None
@@ -148,26 +175,13 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world_size: int, device: torc
                 with timer("data_wait"):
                     batch = next(batches)
                 lr = cosine_lr(step, cfg.lr, cfg.warmup, steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images = normalize(batch.images.to(device, non_blocking=True), mean, std)
-                tokens = batch.tokens.to(device, non_blocking=True)
-                with autocast:
-                    image_features, text_features, logit_scale = ddp(images, tokens)[:3]
-                    loss = loss_fn(image_features, text_features, logit_scale)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-                optimizer.step()
-                with torch.no_grad():  # as open_clip: keep the temperature in [1, 100]
-                    model.logit_scale.clamp_(0, math.log(100))
+                loss = stepper.step(batch.images, batch.tokens, lr)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == end:
                     now = time.perf_counter()
                     rate = (done - window[1]) * cfg.batch_size / max(now - window[0], 1e-9)
                     window = (now, done)
-                    row = {"step": done, "loss": _global_mean(loss.detach().float(), world_size), "lr": lr,
+                    row = {"step": done, "loss": _global_mean(loss.float(), world_size), "lr": lr,
                            "samples_per_s": round(rate, 1), "logit_scale": round(float(model.logit_scale.detach().exp()), 3)}
                     rows.append(row)
                     log.info("step %d/%d loss %.4f lr %.3g samples/s %.0f", done, steps, row["loss"], lr, rate)

@@ -22,6 +22,9 @@ class ReferenceConfig:
     # The log logit scale (ln τ) is clamped to [min, max] after each update, as FLYT does.
     logit_scale_min: float = 2.0
     logit_scale_max: float = math.log(100)
+    # Batches that fill AdamW's moments (θ unchanged) before the first scorer step. 0 = the paper's
+    # fresh optimiser; short runs need a few (hypergrad.warm_moments says why).
+    moment_warmup: int = 0
 
 
 @dataclass

@@ -139,6 +139,35 @@ def _global_embeddings(fmodel: FunctionalCLIP, params: Params, images: torch.Ten
     return comm.gather(_full(u), keep_grad=True), comm.gather(_full(t), keep_grad=True), tau
 
 
+def upstream_gradient(fmodel: FunctionalCLIP, params: Params, images: torch.Tensor, tokens: torch.Tensor,
+                      w: torch.Tensor, comm: Comm = LOCAL,
+                      amp: Callable[[], ContextManager] = contextlib.nullcontext) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(g = ∇θ L_up(θ; w) summed over ranks, in params order; L_up), nothing kept in a graph."""
+    theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    u, t, tau = _global_embeddings(fmodel, theta, images, tokens, comm, amp())
+    up = weighted_clip_loss(u, t, tau, w.detach())
+    g = _with_zeros(torch.autograd.grad(up, list(theta.values()), allow_unused=True), theta)
+    comm.sum_(g)
+    return g, up.detach()
+
+
+def warm_moments(fmodel: FunctionalCLIP, params: Params, state: AdamWState, hp: AdamWHyper,
+                 images: torch.Tensor, tokens: torch.Tensor, comm: Comm = LOCAL,
+                 amp: Callable[[], ContextManager] = contextlib.nullcontext) -> AdamWState:
+    """Accumulate AdamW's moments from one uniform-weight batch without moving θ.
+
+    Why: with fresh moments, step t = 1 of AdamW is g / (|g| + eps), whose derivative in g is
+    eps / (|g| + eps)², ~0 except where |g| ~ eps; the first hypergradients then mostly measure
+    parameters with vanishing gradients. A few warm-up batches give v a history, so ∂θ'/∂g is
+    the usual preconditioner from the first scorer step (this matters for short runs only).
+    """
+    n = images.shape[0] * comm.world_size
+    w = torch.full((n,), 1.0 / n, device=images.device)
+    g, _ = upstream_gradient(fmodel, params, images, tokens, w, comm, amp)
+    _, m, v = adamw_step(params, dict(zip(params, g)), state, hp, frozenset())
+    return AdamWState(m, v, state.step + 1)
+
+
 def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState, hp: AdamWHyper,
                        decay: frozenset[str], images: torch.Tensor, tokens: torch.Tensor, w: torch.Tensor,
                        down_loss: DownLoss, down_params: list[torch.Tensor] = (), project: Project | None = None,
@@ -158,12 +187,7 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
 
     # 1. g = ∇θ L_up(θ; w), summed over ranks.
     with phase("up_grad"):
-        theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        u, t, tau = _global_embeddings(fmodel, theta, images, tokens, comm, amp())
-        up = weighted_clip_loss(u, t, tau, w)
-        g = _with_zeros(torch.autograd.grad(up, list(theta.values()), allow_unused=True), theta)
-        comm.sum_(g)
-        del theta, u, t, tau
+        g, up = upstream_gradient(fmodel, params, images, tokens, w, comm, amp)
 
     # 2. v = ∂ L_down(AdamW(θ, g)) / ∂g (averaged over ranks), and ∂J/∂ρ.
     with phase("down_grad"):

@@ -35,7 +35,7 @@ from clipsift.training.flyt import data as fdata
 from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, decayed_names
 from clipsift.training.flyt.config import RESUME_FREE_KEYS, FlytConfig, LoopConfig, MFlytConfig
 from clipsift.training.flyt.heads import SCORER_FILE, features_from_inputs
-from clipsift.training.flyt.hypergrad import Comm, FunctionalCLIP, hypergradient_step, scorer_backward
+from clipsift.training.flyt.hypergrad import Comm, FunctionalCLIP, hypergradient_step, scorer_backward, warm_moments
 from clipsift.training.flyt.scorer import GLUScorer, LinearMixer, standardisation
 
 log = logging.getLogger("clipsift.training.flyt")
@@ -173,6 +173,14 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     amp: Callable[[], Any] = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
                               else contextlib.nullcontext)
+    rows_local = comm.local_rows(cfg.batch_size)
+    hyper = lambda lr: AdamWHyper(lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.reference.wd)  # noqa: E731
+    if state is None and cfg.reference.moment_warmup:
+        with timer("moment_warmup"):
+            for k in range(cfg.reference.moment_warmup):  # the first steps' batches; θ does not move
+                images, tokens, _, _ = pool.batch(k, rows_local)
+                ref_state = warm_moments(fmodel, params, ref_state, hyper(0.0),
+                                         normalize(images.to(device), mean, std), tokens.to(device), comm, amp)
     lo, hi = cfg.reference.logit_scale_min, cfg.reference.logit_scale_max
 
     def project(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -192,7 +200,6 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
                 "reference_opt": ref_state.state_dict(), "log": rows,
                 "train_seconds": prior_seconds + timer.seconds.get("train", 0.0)})
 
-    rows_local = comm.local_rows(cfg.batch_size)
     end = min(cfg.steps, cfg.stop_after_steps) if cfg.stop_after_steps is not None else cfg.steps
     log.info("%s: reference %s on %s x%d (%s), pool %d usable, %d tasks, steps %d..%d of %d, batch %d",
              setup.kind, cfg.reference.arch, device, comm.world_size, "bf16 autocast" if bf16 else "fp32",
@@ -218,9 +225,8 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
                 def down_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
                     return fdata.downstream_loss(lambda x, t: fmodel(p, x, t), dbatch, rho)
 
-                res = hypergradient_step(fmodel, params, ref_state,
-                                         AdamWHyper(lr_ref, cfg.beta1, cfg.beta2, cfg.eps, cfg.reference.wd),
-                                         decay_names, images, tokens, w, down_loss, [rho], project, comm, amp)
+                res = hypergradient_step(fmodel, params, ref_state, hyper(lr_ref), decay_names, images, tokens, w,
+                                         down_loss, [rho], project, comm, amp, timer)
                 opt.zero_grad(set_to_none=True)
                 scorer_backward(scores, res.d, comm)
                 rho.grad = res.extra_grads[0].to(rho.dtype)
