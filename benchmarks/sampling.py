@@ -74,7 +74,8 @@ def main() -> None:
     p.add_argument("--sizes", default="1M,4M,16M", help="pool sizes, e.g. 1M,4M,16M,128M")
     p.add_argument("--direct-max", default="4M", help="largest size to also run the direct procedure at")
     p.add_argument("--repeats", type=int, default=3, help="runs of the fast sampler per size up to 16M (median)")
-    p.add_argument("--direct-repeats", type=int, default=1, help="runs of the direct procedure per size")
+    p.add_argument("--direct-repeats", type=int, default=3,
+                   help="runs of the direct procedure per size up to 2M (1 above: it is slow)")
     p.add_argument("--alpha", type=float, default=0.15)
     p.add_argument("--batch-size", type=int, default=100_000)
     p.add_argument("--block-size", type=int, default=64)
@@ -95,7 +96,8 @@ def main() -> None:
         repeats = args.repeats if n <= 16 * 10**6 else 1
         row = {"n": n, "fast": summarise([run_child("fast", n, args) for _ in range(repeats)])}
         if n <= direct_max:
-            row["direct"] = summarise([run_child("direct", n, args) for _ in range(args.direct_repeats)])
+            repeats = args.direct_repeats if n <= 2 * 10**6 else 1
+            row["direct"] = summarise([run_child("direct", n, args) for _ in range(repeats)])
             for key in ("wall_s", "cpu_s"):
                 row[f"speedup_{key[:-2]}"] = row["direct"][key] / row["fast"][key]
         rows.append(row)

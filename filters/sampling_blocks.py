@@ -22,10 +22,11 @@ Why it is exact, in three steps:
    tighten it (recompute the max of the blocks where proposals were rejected) when the
    acceptance rate drops, and sampling stays exact whatever the envelope is.
 
-Items are grouped by score before being cut into blocks of m (a 16-bit radix sort into 65536
-score bands of equal width), so the items of a block have nearly equal scores, its envelope is tight
-and acceptance stays high. Blocks are picked with a guide table over their CDF (O(1) per draw on
-average) rather than a binary search.
+Items are grouped by score before being cut into blocks of at most m items (a radix sort into
+score bands of equal width, 0.05 or 1/65535 of the score range at most; no block spans two
+bands), so the items of a block have nearly equal scores, its envelope is tight and acceptance
+stays high. Blocks are picked with a guide table over their CDF (O(1) per draw on average)
+rather than a binary search.
 
 Numerics: scores are stored as float32 (DataComp score columns are float32); logits are computed
 in float64 as score - alpha * count, so they never drift with repeated subtraction. An item is
@@ -41,6 +42,7 @@ _CHUNK_ROWS = 1 << 16  # rows per chunk for whole-pool passes: keeps temporaries
 _REFRESH_MID_ROUND = 0.5  # tighten envelopes before another batch if its yield fell below this
 _REFRESH_END_ROUND = 0.75  # ... and after a round that drew fewer items per proposal than this
 _GUIDE_PER_BLOCK = 4  # guide buckets per block: most draws then need one comparison
+_BAND_WIDTH = 0.05  # widest score band (in logits) that the coarse, faster grouping may use
 
 
 class BlockPool:
@@ -262,21 +264,23 @@ def _first_occurrences(seq: np.ndarray, position: np.ndarray) -> tuple[np.ndarra
 
 
 def _group_by_score(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Permutation putting high scores first, in 65536 score bands of equal width, and the
-    number of items in each band (in that order).
+    """Permutation putting high scores first, in score bands of equal width, and the number of
+    items in each band (in that order).
 
-    A band spans (max - min) / 65535 of score. A stable radix sort on 16-bit keys: O(N), ties
-    keep their original order (deterministic).
+    Bands are at most _BAND_WIDTH wide (a block's envelope then loses at most that much), with
+    256 of them (a one-pass radix sort on 8-bit keys) when the score range allows, else up to
+    65536 (two passes). Stable: ties keep their original order, so the result is deterministic.
     """
     index_type = np.int32 if len(scores) < 2**31 else np.int64
-    top = float(scores.max())
-    width = max(top - float(scores.min()), 1e-30) / 65535
+    top, span = float(scores.max()), float(scores.max()) - float(scores.min())
+    bands = 256 if span <= 255 * _BAND_WIDTH else 65536
+    scale = (bands - 1) / span if span > 0 else 0.0
     gap = np.subtract(top, scores, dtype=np.float32)
-    gap *= np.float32(1 / width)
-    np.minimum(gap, np.float32(65535), out=gap)  # float rounding at the bottom edge
-    key = gap.astype(np.uint16)
+    gap *= np.float32(scale)
+    np.minimum(gap, np.float32(bands - 1), out=gap)  # float rounding at the bottom edge
+    key = gap.astype(np.uint8 if bands == 256 else np.uint16)
     del gap
-    return np.argsort(key, kind="stable").astype(index_type), np.bincount(key, minlength=65536)
+    return np.argsort(key, kind="stable").astype(index_type), np.bincount(key, minlength=bands)
 
 
 def _block_starts(band_sizes: np.ndarray, m: int) -> np.ndarray:
