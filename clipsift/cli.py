@@ -20,16 +20,17 @@ from clipsift import config
 # name -> (module, one-line summary). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("clipsift.world.cli", "generate the embedded synthetic benchmark world (pool, tasks, ground truth)"),
-    "eval": ("clipsift.eval.cli", "zero-shot evaluation of a CLIP on a DataComp-style task list"),
     "embed": ("clipsift.pipeline.cli", "Ray pipeline: img2dataset shards -> embeddings + score columns, DataComp layout"),
     "score": ("clipsift.pipeline.score_cli", "score heads over DataComp metadata (parquet + npz embeddings), no images"),
     "filter": ("clipsift.filters.filter_cli", "DataComp baselines, SemDeDup, NormSim over pool metadata -> a subset file"),
-    "subset": ("clipsift.filters.subset_cli", "inspect, validate and convert DataComp subset files (.npy <-> hex uids)"),
-    "reshard": ("clipsift.filters.reshard_cli", "pool shards + a subset -> new shards of just that subset (repeats kept)"),
     "sample": ("clipsift.filters.sample_cli", "one score column -> a subset: Soft Cap Sampling, hard cap, top fraction, threshold"),
-    "train": ("clipsift.training.cli", "fixed-compute CLIP training on shards (+ a subset file) -> open_clip checkpoint"),
     "flyt": ("clipsift.training.flyt.cli", "train FLYT's learned data scorer (hypergradient through a reference CLIP) -> flyt_score"),
     "mflyt": ("clipsift.training.flyt.mflyt_cli", "M-FLYT: learn a linear mix of score columns with the FLYT loop -> mflyt_score"),
+    "subset": ("clipsift.filters.subset_cli", "inspect, validate and convert DataComp subset files (.npy <-> hex uids)"),
+    "reshard": ("clipsift.filters.reshard_cli", "pool shards + a subset -> new shards of just that subset (repeats kept)"),
+    "train": ("clipsift.training.cli", "fixed-compute CLIP training on shards (+ a subset file) -> open_clip checkpoint"),
+    "eval": ("clipsift.eval.cli", "zero-shot evaluation of a CLIP on a DataComp-style task list"),
+    "compare": ("clipsift.compare.cli", "the main job: strategies x (subset -> fixed-compute training -> eval) -> table, plots, report"),
 }
 
 

@@ -235,3 +235,19 @@ def select(tasks: list[Task], only: list[str]) -> list[Task]:
     if unknown:
         raise TaskError(f"only= names unknown tasks {unknown}; tasks: {sorted(known)}")
     return [t for t in tasks if t.name in set(only)]
+
+
+def embed_task_images(model: ModelSpec, tasks: str | Path, split: str = "train", only: list[str] | None = None,
+                      device: str = "auto", batch_size: int = 256) -> np.ndarray:
+    """Unit image embeddings of every task's `split` images (tasks in list order, tar order within):
+    the downstream training images that image_based filtering and NormSim compare the pool with."""
+    dev = resolve_device(device)
+    precision = resolve_precision("auto", dev)
+    loaded = load_model(model.arch, model.pretrained, dev)
+    chunks = []
+    with torch.no_grad(), deterministic(dev):
+        for task in select(load_tasks(tasks), only or []):
+            task = Task(task.name, task.path, task.type, task.main_metric, task.group, split=split)
+            emb, _, _, _ = encode_images(loaded, task.shards(), task, dev, _autocast(dev, precision), batch_size, 0)
+            chunks.append(emb)
+    return np.concatenate(chunks).astype(np.float32)

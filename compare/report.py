@@ -1,0 +1,239 @@
+"""The compare report: results table (markdown, CSV, JSON), plots, and one markdown page with both.
+
+Written into out/report/: results.{md,csv,json}, report.md and PNG plots:
+average per strategy with error bars over seeds, per-task bars, score distributions per planted
+noise type, the fraction of each noise type each strategy kept, SCS repetition histograms and
+M-FLYT's learned weights.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipsift import formats
+from clipsift.runlog import atomic_write_text, read_json, write_json
+
+
+def aggregate(strategies, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per strategy: mean ± std over seeds of every task's main metric, groups, average."""
+    rows = []
+    for s in strategies:
+        runs = [r for r in results if r["strategy"] == s.name]
+        if not runs:
+            continue
+        tasks = [t["name"] for t in runs[0]["summary"]["tasks"]]
+        groups = list(runs[0]["summary"]["groups"])
+        value = lambda r, t: next(x["value"] for x in r["summary"]["tasks"] if x["name"] == t)  # noqa: E731
+
+        def stat(values):
+            v = np.array(values, dtype=float)
+            return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+        rows.append({
+            "strategy": s.name, "seeds": [r["seed"] for r in runs],
+            "average": stat([r["summary"]["average"] for r in runs]),
+            "tasks": {t: stat([value(r, t) for r in runs]) for t in tasks},
+            "groups": {g: stat([r["summary"]["groups"][g] for r in runs]) for g in groups},
+            "subset_size": runs[0]["subset_size"], "unique": runs[0]["unique"],
+        })
+    return rows
+
+
+def _fmt(s: dict[str, float], n: int) -> str:
+    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if n > 1 else f"{100 * s['mean']:.1f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no results)\n"
+    tasks, groups = list(rows[0]["tasks"]), list(rows[0]["groups"])
+    head = ["strategy", "seeds", "subset", "unique", *tasks, *(f"[{g}]" for g in groups), "average"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: -r["average"]["mean"]):
+        n = len(r["seeds"])
+        cells = [r["strategy"], str(n), str(r["subset_size"]), str(r["unique"]),
+                 *(_fmt(r["tasks"][t], n) for t in tasks), *(_fmt(r["groups"][g], n) for g in groups),
+                 f"**{_fmt(r['average'], n)}**"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if not rows:
+        return ""
+    tasks, groups = list(rows[0]["tasks"]), list(rows[0]["groups"])
+    w = csv.writer(buf)
+    w.writerow(["strategy", "seeds", "subset_size", "unique", "average_mean", "average_std",
+                *(f"{t}_mean" for t in tasks), *(f"group_{g}_mean" for g in groups)])
+    for r in rows:
+        w.writerow([r["strategy"], len(r["seeds"]), r["subset_size"], r["unique"], r["average"]["mean"],
+                    r["average"]["std"], *(r["tasks"][t]["mean"] for t in tasks),
+                    *(r["groups"][g]["mean"] for g in groups)])
+    return buf.getvalue()
+
+
+def noise_kept(compare, strategies) -> dict[str, dict[str, float]]:
+    """Per strategy, the fraction of each planted noise kind whose uid is in the subset (world only)."""
+    from clipsift.world.generate import load_ground_truth
+
+    gt = load_ground_truth(compare.world)
+    kinds = np.array(gt.column("noise").to_pylist())
+    keys = formats.uids_to_u8u8(gt.column("uid").to_pylist())
+    out = {}
+    for s in strategies:
+        path = compare.out / "subsets" / s.name / "subset.npy"
+        if not path.is_file():
+            continue
+        inside = np.isin(keys, np.load(path))
+        out[s.name] = {k: float(inside[kinds == k].mean()) for k in sorted(set(kinds))}
+    return out
+
+
+def score_by_noise(compare, columns: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Score values per planted noise kind, for each score column this run has computed (none is
+    computed here: the report only reads what the strategies produced)."""
+    import pyarrow.parquet as pq
+
+    from clipsift.world.generate import load_ground_truth
+
+    gt = load_ground_truth(compare.world)
+    kind_of = dict(zip(gt.column("uid").to_pylist(), gt.column("noise").to_pylist()))
+    folders = {"flyt_score": compare.out / "scores" / "flyt" / "scores",
+               "mflyt_score": compare.out / "scores" / "mflyt" / "scores"}
+    out = {}
+    for col in columns:
+        folder = folders.get(col, compare.out / "pipeline" / "metadata")
+        files = [f for f in sorted(folder.glob("*.parquet")) if col in pq.read_schema(f).names]
+        by: dict[str, list[float]] = {}
+        for f in files:
+            t = pq.read_table(f, columns=["uid", col])
+            for uid, v in zip(t.column("uid").to_pylist(), t.column(col).to_pylist()):
+                if v is not None and uid in kind_of:
+                    by.setdefault(kind_of[uid], []).append(v)
+        if by:
+            out[col] = {k: np.array(v) for k, v in by.items()}
+    return out
+
+
+def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = compare.out / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(strategies, results)
+    write_json(out / "results.json", {"rows": rows, "runs": results})
+    atomic_write_text(out / "results.md", markdown_table(rows))
+    atomic_write_text(out / "results.csv", csv_table(rows))
+    figures = []
+    order = sorted(rows, key=lambda r: -r["average"]["mean"])
+
+    if order:  # average with error bars
+        fig, ax = plt.subplots(figsize=(8, 0.4 * len(order) + 1.5))
+        names = [r["strategy"] for r in order][::-1]
+        means = [100 * r["average"]["mean"] for r in order][::-1]
+        stds = [100 * r["average"]["std"] for r in order][::-1]
+        ax.barh(names, means, xerr=stds, color="#4C72B0", capsize=3)
+        ax.set_xlabel("average zero-shot main metric (%)")
+        ax.set_title("Average over tasks at fixed compute (error bars: std over seeds)")
+        figures.append(_save(fig, out / "average.png", "Average per strategy"))
+
+        tasks = list(order[0]["tasks"])
+        fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(tasks) * len(order) / 4), 4.5))
+        width = 0.8 / len(order)
+        for i, r in enumerate(order):
+            ax.bar(np.arange(len(tasks)) + i * width, [100 * r["tasks"][t]["mean"] for t in tasks], width,
+                   yerr=[100 * r["tasks"][t]["std"] for t in tasks], label=r["strategy"], capsize=2)
+        ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
+        ax.set_ylabel("main metric (%)")
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_title("Per-task results")
+        figures.append(_save(fig, out / "per_task.png", "Per-task results"))
+
+    kept = noise_kept(compare, strategies)
+    if kept:
+        kinds = sorted({k for v in kept.values() for k in v})
+        names = [r["strategy"] for r in order if r["strategy"] in kept]
+        grid = np.array([[kept[n][k] for k in kinds] for n in names])
+        fig, ax = plt.subplots(figsize=(1.0 * len(kinds) + 3, 0.4 * len(names) + 1.5))
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(kinds)), kinds, rotation=35, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        for i in range(len(names)):
+            for j in range(len(kinds)):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if grid[i, j] < 0.5 else "black")
+        fig.colorbar(im, ax=ax, label="fraction kept")
+        ax.set_title("Fraction of each planted noise kind kept (world ground truth)")
+        figures.append(_save(fig, out / "noise_kept.png", "Planted noise kept by each strategy"))
+        write_json(out / "noise_kept.json", kept)
+
+    cols = ["clip_b32_similarity_score", "clip_l14_similarity_score", "flyt_score", "mflyt_score"]
+    dists = score_by_noise(compare, cols)
+    if dists:
+        fig, axes = plt.subplots(1, len(dists), figsize=(4.2 * len(dists), 3.8), squeeze=False)
+        for ax, (col, by) in zip(axes[0], dists.items()):
+            kinds = sorted(by)
+            ax.boxplot([by[k] for k in kinds], showfliers=False)
+            ax.set_xticks(range(1, len(kinds) + 1), kinds, rotation=45, ha="right", fontsize=7)
+            ax.set_title(col, fontsize=9)
+        fig.suptitle("Score distributions per planted noise kind")
+        figures.append(_save(fig, out / "scores_by_noise.png", "Score distributions per noise kind"))
+
+    hists = {}
+    for s in strategies:
+        stats_path = compare.out / "subsets" / s.name / "sample_stats.json"
+        if stats_path.is_file() and read_json(stats_path)["method"] in ("scs", "hcs"):
+            hists[s.name] = {int(k): v for k, v in read_json(stats_path)["repetition_histogram"].items()}
+    if hists:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, h in hists.items():
+            ks = sorted(h)
+            ax.plot(ks, [h[k] for k in ks], marker="o", label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("times an example is repeated")
+        ax.set_ylabel("examples")
+        ax.legend()
+        ax.set_title("Soft Cap Sampling: repetition histogram")
+        figures.append(_save(fig, out / "scs_repetitions.png", "SCS repetition histogram"))
+
+    mflyt_stats = compare.out / "scores" / "mflyt" / "stats.json"
+    weights = read_json(mflyt_stats).get("mixer_weights") if mflyt_stats.is_file() else None
+    if weights:
+        fig, ax = plt.subplots(figsize=(6, 0.5 * len(weights) + 1.5))
+        ax.barh(list(weights), list(weights.values()), color="#DD8452")
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title("M-FLYT learned weights (standardised inputs)")
+        figures.append(_save(fig, out / "mflyt_weights.png", "M-FLYT weights"))
+
+    page = ["# clipsift compare report", "",
+            f"World: `{compare.world}` · scale: `{compare.cfg.scale}` {' '.join(compare.cfg.scale_overrides)} · "
+            f"seeds: {compare.cfg.seeds}", "",
+            "Main metric per task (acc1, or mean recall@1 for retrieval), in %; mean ± std over seeds.", "",
+            markdown_table(rows)]
+    if kept:
+        kinds = sorted({k for v in kept.values() for k in v})
+        page += ["", "## Planted noise kept", "", "| strategy | " + " | ".join(kinds) + " |",
+                 "|" + "---|" * (len(kinds) + 1)]
+        page += [f"| {n} | " + " | ".join(f"{kept[n][k]:.2f}" for k in kinds) + " |" for n in kept]
+    if weights:
+        page += ["", "## M-FLYT weights", "", *(f"- `{k}`: {v:+.3f}" for k, v in weights.items())]
+    page += ["", "## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for name, title in figures]
+    atomic_write_text(out / "report.md", "\n".join(page) + "\n")
+    return out
+
+
+def _save(fig, path: Path, title: str) -> tuple[str, str]:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name, title
