@@ -63,12 +63,9 @@ class BlockPool:
         self.start = _block_starts(band_sizes, m)  # block B is positions start[B]:start[B + 1]
         self.size = np.diff(self.start)
         self.nblocks = len(self.size)
-        # Position n is a padding item (weight 0) for the ragged rows of `_logits`.
-        self.s = np.empty(n + 1, dtype=np.float32)
-        np.take(scores, self.order, out=self.s[:n])
-        self.s[n] = -np.inf
-        self.c = np.zeros(n + 1, dtype=np.uint16 if max_rounds < 2**16 else np.uint32)
-        self.env = np.maximum.reduceat(self.s[:n], self.start[:-1]).astype(np.float64)
+        self.s = np.take(scores, self.order)
+        self.c = np.zeros(n, dtype=np.uint16 if max_rounds < 2**16 else np.uint32)
+        self.env = np.maximum.reduceat(self.s, self.start[:-1]).astype(np.float64)
         self._build_guide()
         self.yield_rate = [1.0, 1.0]  # new items / proposal, in first and in later batches
         self.yield_last = 1.0  # ... in the last batch: decides whether to tighten envelopes
@@ -79,33 +76,30 @@ class BlockPool:
     def counts(self) -> np.ndarray:
         """Draw counts per item, in the caller's original order."""
         out = np.empty(self.n, dtype=self.c.dtype)
-        out[self.order] = self.c[: self.n]
+        out[self.order] = self.c
         return out
 
     def block_of(self, items: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.start, items, side="right") - 1
 
-    def _logits(self, rows: np.ndarray, taken: np.ndarray) -> np.ndarray:
-        """(len(rows), m) float64 current logits of the sorted block ids `rows` (padding and
-        `taken` items, in any order, are -inf)."""
-        cols = np.arange(self.m)
-        idx = self.start[rows][:, None] + cols
-        idx[cols >= self.size[rows][:, None]] = self.n  # the padding item
-        logits = self.s[idx].astype(np.float64)
-        logits -= self.alpha * self.c[idx]
-        if taken.size:
-            blocks = self.block_of(taken)
-            hit = _isin_sorted(blocks, rows)
-            logits[np.searchsorted(rows, blocks[hit]), taken[hit] - self.start[blocks[hit]]] = -np.inf
-        return logits
-
     def _refresh(self, rows: np.ndarray, taken: np.ndarray) -> float:
-        """Tighten the envelope of these blocks to the current max logit of their free items.
-        Returns the proposal mass this removed, as a fraction of the total at the last guide."""
+        """Tighten the envelope of the sorted block ids `rows` to the current max logit of their
+        items not in `taken` (any order). Returns the proposal mass this removed, as a fraction
+        of the total at the last guide build."""
         old = self.env[rows]
         for lo in range(0, len(rows), _CHUNK_ROWS):
             part = rows[lo : lo + _CHUNK_ROWS]
-            self.env[part] = self._logits(part, taken).max(axis=1)
+            size, start = self.size[part], self.start[part]
+            first = np.cumsum(size) - size  # where each block's items begin in `idx`
+            idx = np.repeat(start - first, size) + np.arange(first[-1] + size[-1])
+            logits = self.s[idx].astype(np.float64)
+            logits -= self.alpha * self.c[idx]
+            if taken.size:
+                blocks = self.block_of(taken)
+                hit = _isin_sorted(blocks, part)
+                row = np.searchsorted(part, blocks[hit])
+                logits[first[row] + taken[hit] - start[row]] = -np.inf
+            self.env[part] = np.maximum.reduceat(logits, first)
         self.stats["refreshed_blocks"] += len(rows)
         size = self.size[rows]
         return float(size @ np.exp(old - self.log_mass) - size @ np.exp(self.env[rows] - self.log_mass))
@@ -172,7 +166,7 @@ class BlockPool:
             if need and self.yield_last < _REFRESH_MID_ROUND:
                 # Much of the proposal mass sits on items taken this round (or loose blocks):
                 # tighten those envelopes, leaving the taken items out, before drawing again.
-                rows = np.union1d(missed, self.block_of(new))
+                rows = _distinct_sorted(np.sort(np.concatenate([missed, self.block_of(new)])))
                 self._refresh(rows, np.concatenate(taken))
                 self._build_guide()
                 tightened.append(rows)
@@ -180,7 +174,7 @@ class BlockPool:
         self.c[drawn] += 1  # distinct positions, so a plain fancy update is exact
         # Re-admit this round's draws to envelopes tightened without them.
         if tightened:
-            self._refresh(np.unique(np.concatenate(tightened)), drawn[:0])
+            self._refresh(_distinct_sorted(np.sort(np.concatenate(tightened))), drawn[:0])
         # Tighten the blocks that rejected proposals when the round needed too many proposals
         # per draw. Items drawn more often than their block-mates keep their block's envelope
         # loose and no refresh fixes that, so when one barely shrinks the envelope mass, wait
@@ -188,7 +182,7 @@ class BlockPool:
         rate = b / max(self.stats["proposals"] - proposals, 1)
         loose = rate < self.refresh_below
         if loose:
-            removed = self._refresh(np.unique(np.concatenate(rejected)), drawn[:0])
+            removed = self._refresh(_distinct_sorted(np.sort(np.concatenate(rejected))), drawn[:0])
             self.refresh_below = _REFRESH_END_ROUND if removed > 0.05 else 0.9 * rate
         if tightened or loose:
             self._build_guide()
