@@ -24,6 +24,7 @@ example: clipsift embed -p world input=runs/world/tiny/pool/shards out=runs/pipe
 
 
 def main(cfg: EmbedConfig, args: argparse.Namespace) -> int:
+    from clipsift.eval.models import ModelError
     from clipsift.formats import FormatError
     from clipsift.pipeline.embed import run_embed
     from clipsift.pipeline.encoders import PlanError
@@ -35,7 +36,7 @@ def main(cfg: EmbedConfig, args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         run_embed(cfg)
-    except (FormatError, PlanError, HeadError, OutputError, ResourceError, FileNotFoundError) as e:
+    except (FormatError, ModelError, PlanError, HeadError, OutputError, ResourceError, FileNotFoundError) as e:
         print(f"clipsift embed: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -41,7 +41,7 @@ def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
                      precision=cfg.precision, seed=cfg.seed, allow_random_weights=cfg.allow_random_weights)
     fingerprint = plan.fingerprint()
     stems = [p.stem for p in shard_paths]
-    done_before = finished(out, stems, fingerprint)
+    done_before = finished(out, shard_paths, fingerprint)
     pending = [p for p in shard_paths if p.stem not in done_before]
     out.mkdir(parents=True, exist_ok=True)
     config.dump(cfg, out / "config.yaml")
@@ -150,8 +150,9 @@ class EncodeStage:
             else:
                 embs = {k: np.zeros((0, d), np.float16) for k, d in self.dims.items()}
                 scores = {c: np.zeros(0, np.float32) for c in self.plan.score_columns}
-            for k, v in {**{f"emb:{k}": v for k, v in embs.items()}, **{f"score:{k}": v for k, v in scores.items()}}.items():
-                new.setdefault(k, []).append(v.tobytes())
+            for prefix, arrays in (("emb", embs), ("score", scores)):
+                for k, v in arrays.items():
+                    new.setdefault(f"{prefix}:{k}", []).append(v.tobytes())
             for k, d in self.dims.items():
                 new.setdefault(f"dim:{k}", []).append(d)
             new["model_s"].append(time.perf_counter() - t0)
@@ -213,9 +214,9 @@ def write_shard(out: Path, path: Path, rows: list[dict[str, Any]], plan: Plan, f
     arrays = {name: np.concatenate([np.frombuffer(r[f"emb:{name}"], np.float16).reshape(-1, r[f"dim:{name}"])
                                     for r in rows]) for name in plan.embedding_names()}
     c = counts.as_dict()
-    marker = {"fingerprint": fingerprint, "source": str(path), "rows_in": c["seen"], "rows_out": c["kept"],
-              "skipped": c["dropped"], "expected_rows": expected, "notes": dict(sorted(notes.items())),
-              "skips": skips,
+    marker = {"fingerprint": fingerprint, "source": str(path), "source_bytes": path.stat().st_size,
+              "rows_in": c["seen"], "rows_out": c["kept"], "skipped": c["dropped"], "expected_rows": expected,
+              "notes": dict(sorted(notes.items())), "skips": skips,
               "timings": {step: round(sum(r[f"{step}_s"] for r in rows), 4) for step in ("read", "decode", "model")}}
     write_outputs(out, path.stem, table, arrays, marker)
     return c["kept"]

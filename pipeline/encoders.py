@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -200,15 +201,18 @@ class Encoder:
         return {k: int(v.shape[1]) for k, v in embs.items()}
 
     @torch.no_grad()
-    def encode(self, images: dict[str, np.ndarray], tokens: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def encode(self, images: dict[str, np.ndarray],
+               tokens: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """uint8 (n, H, W, 3) images and int (n, L) tokens by key -> float16 embeddings, float32 scores.
 
         Heads see the float16-rounded embeddings (as float32), exactly what the npz stores, so
         metadata mode recomputes the same scores from the files.
         """
         dev = self.device
-        pixels = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev, non_blocking=True) for k, v in images.items()}
-        toks = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev, non_blocking=True).long() for k, v in tokens.items()}
+        with warnings.catch_warnings():  # the arrays view Ray's read-only buffers; nothing writes to them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            pixels = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev, non_blocking=True) for k, v in images.items()}
+            toks = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev, non_blocking=True).long() for k, v in tokens.items()}
         embs: dict[str, torch.Tensor] = {}
         with torch.autocast(dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             for m in self.plan.models:

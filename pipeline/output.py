@@ -47,21 +47,24 @@ def output_schema(score_columns: list[str]) -> pa.Schema:
     return pa.schema(list(formats.METADATA_SCHEMA) + [pa.field(c, formats.SCORE_TYPE) for c in score_columns])
 
 
-def finished(out: Path, stems: list[str], fingerprint: str) -> set[str]:
-    """Stems whose outputs are complete. A marker from another configuration is an error, not a skip."""
+def finished(out: Path, sources: list[Path], fingerprint: str) -> set[str]:
+    """Stems of `sources` whose outputs are complete. A marker from another configuration is an
+    error, not a skip; an input whose size changed since (re-downloaded) or an output deleted since
+    is simply recomputed."""
     done = set()
-    for stem in stems:
-        path = done_path(out, stem)
+    for source in sources:
+        path = done_path(out, source.stem)
         if not path.is_file():
             continue
         marker = read_json(path)
         if marker.get("fingerprint") != fingerprint:
             raise OutputError(
-                f"{out} already holds {stem} computed with a different configuration (fingerprint "
+                f"{out} already holds {source.stem} computed with a different configuration (fingerprint "
                 f"{marker.get('fingerprint')} != {fingerprint}: other models, weights, heads, batch_size or "
                 f"precision). Use a new out folder, or delete {Path(out) / DONE_DIR} to recompute everything.")
-        if all((Path(out) / METADATA_DIR / name).is_file() for name in marker.get("files", [])):
-            done.add(stem)  # (an output deleted since is recomputed)
+        same_input = marker.get("source_bytes") == source.stat().st_size
+        if same_input and all((Path(out) / METADATA_DIR / name).is_file() for name in marker.get("files", [])):
+            done.add(source.stem)
     return done
 
 
@@ -101,7 +104,7 @@ def write_outputs(out: Path, stem: str, table: pa.Table, arrays: dict[str, np.nd
         link_or_copy(npz_source, metadata_path(out, stem, ".npz"))
     if arrays is not None or npz_source is not None:
         files.append(f"{stem}.npz")
-    marker["files"] = files
+    marker["files"] = files  # what `finished` checks for
     marker.setdefault("timings", {})["write"] = round(time.perf_counter() - t0, 4)
     write_json(done_path(out, stem), marker)
 
@@ -144,6 +147,9 @@ def summary_table(stats: dict[str, Any]) -> str:
                  *[f"{stats['shard_timings_s'].get(s, 0):.2f}" for s in steps],
                  ", ".join(f"{r}={n}" for r, n in t["skipped"].items()) or "-"])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.rjust(w) if 0 < i < len(r) - 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def fmt(r: list[str]) -> str:  # numbers right-aligned, names and reasons left
+        return "  ".join(c.rjust(w) if 0 < i < len(r) - 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]
     return "\n".join(lines)

@@ -44,7 +44,7 @@ def run_score(cfg: ScoreConfig, echo=print) -> dict[str, Any]:
     build_heads(cfg.heads, available)  # checks every head's inputs before any work starts
     fingerprint = score_fingerprint(cfg.heads, cfg.batch_size)
     stems = [f.stem for f in files]
-    done_before = finished(out, stems, fingerprint)
+    done_before = finished(out, files, fingerprint)
     pending = [f for f in files if f.stem not in done_before]
     out.mkdir(parents=True, exist_ok=True)
     config.dump(cfg, out / "config.yaml")
@@ -140,8 +140,8 @@ class ScoreFiles:
         t1 = time.perf_counter()
         with torch.no_grad():
             for start in range(0, n, self.batch_size):
-                chunk = {k: torch.from_numpy(np.ascontiguousarray(a[start:start + self.batch_size]).astype(np.float32)).to(self.device)
-                         for k, a in arrays.items()}
+                stop = start + self.batch_size
+                chunk = {k: torch.from_numpy(np.asarray(a[start:stop], np.float32)).to(self.device) for k, a in arrays.items()}
                 for c, v in run_heads(self.heads, chunk).items():
                     scores[c].append(v.cpu().numpy().astype(np.float32))
         t2 = time.perf_counter()
@@ -151,7 +151,8 @@ class ScoreFiles:
                 table = table.set_column(table.column_names.index(c), pa.field(c, formats.SCORE_TYPE), col)
             else:
                 table = table.append_column(pa.field(c, formats.SCORE_TYPE), col)
-        marker = {"fingerprint": self.fingerprint, "source": str(path), "rows_in": n, "rows_out": n, "skipped": {},
-                  "notes": {}, "timings": {"read": round(t1 - t0, 4), "model": round(t2 - t1, 4)}}
+        marker = {"fingerprint": self.fingerprint, "source": str(path), "source_bytes": path.stat().st_size,
+                  "rows_in": n, "rows_out": n, "skipped": {}, "notes": {},
+                  "timings": {"read": round(t1 - t0, 4), "model": round(t2 - t1, 4)}}
         write_outputs(self.out, path.stem, table, None, marker, npz_source=npz_path if npz_path.is_file() else None)
         return n

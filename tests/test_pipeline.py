@@ -324,7 +324,8 @@ def test_decode_stage_chunks_account_for_every_record(bad_pool, models):
     for path in sorted(bad_pool.glob("*.tar")):
         raw = [t for t in read_chunks(str(path), 7, 2)]
         rows = [decode_chunk(t, plan).to_pylist()[0] for t in raw]
-        assert [c["chunk"] for c in rows] == list(range(len(rows))) and [c["last"] for c in rows] == [False] * (len(rows) - 1) + [True]
+        assert [c["chunk"] for c in rows] == list(range(len(rows)))
+        assert [c["last"] for c in rows] == [False] * (len(rows) - 1) + [True]
         assert [k for c in rows for k in c["keys"]] == [r.key for r in shards.read_shard(path)]
         for c in rows:
             assert c["shard"] == 7 and len(c["uid"]) <= 2 and len(c["reasons"]) == len(c["keys"])

@@ -1,0 +1,306 @@
+"""Pipeline throughput (pairs/s) against two ceilings measured in the same run.
+
+    .venv/bin/python benchmarks/pipeline.py                      # world shards, world-rn-s + world-rn-l, CPU
+    .venv/bin/python benchmarks/pipeline.py --datacomp-like 40000 --models vit-b-32 --device cuda   # GPU run
+
+(a) model ceiling: the same models and heads (pipeline.encoders.Encoder) encoding already-decoded
+    arrays in a plain loop on the same device, batch for batch as the pipeline feeds them (host ->
+    device copy and normalisation included). On a CPU the best of 1 thread and all cores.
+(b) decode ceiling: the pipeline's own decode code (decode_chunk) over every chunk of the same
+    shards in a plain process pool of all cores (warmed up first; the tars are read beforehand).
+(c) pipeline: `run_embed` end to end into a fresh folder per repeat, with Ray already started:
+    planning, actor start and model load, every stage and every write are inside the time.
+(d) metadata mode: `run_score` (clip-score heads) over (c)'s output.
+The ratio that matters is pipeline / min(a, b). Medians of --repeats. Results are merged into
+benchmarks/results/pipeline.json under a key naming device, models and data.
+
+--datacomp-like N writes N DataComp-like samples (256-512 px photo-like JPEGs, 4-20 word captions,
+img2dataset shard layout via ShardWriter) once into --data and reuses them.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pipeline.json"
+MODEL_SETS = {"world": {"b32": "world-rn-s", "l14": "world-rn-l"}, "vit-b-32": {"b32": "ViT-B-32"},
+              "vit-b-32+l-14": {"b32": "ViT-B-32", "l14": "ViT-L-14"}}
+WORDS = ("a photo of the red blue green small large dog cat car house tree street man woman child on in "
+         "with near old new bright dark view city beach mountain food plate table window sky").split()
+
+
+# ---------------------------------------------------------------- data
+def world_shards(path: str | None, pairs: int) -> Path:
+    """DIR/pool/shards of the given world, or of a generated one (reused on later runs)."""
+    from clipsift import config
+    from clipsift.world.config import WorldConfig
+    from clipsift.world.generate import generate_world
+
+    if path:
+        return Path(path) / "pool" / "shards"
+    out = Path("runs/bench") / f"pipeline-world-{pairs}"
+    if not (out / "stats.json").is_file():
+        print(f"generating a world with {pairs} pool pairs in {out} ...", flush=True)
+        cfg = config.load(WorldConfig, config.preset_path("world", "ci"),
+                          [f"out={out}", f"pool_size={pairs}", "samples_per_shard=2000", "curated_size=500",
+                           f"workers={os.cpu_count()}"])
+        generate_world(cfg, progress=False)
+    return out / "pool" / "shards"
+
+
+def datacomp_like_shards(folder: Path, n: int, shard_size: int, seed: int = 0) -> Path:
+    jobs = [(str(folder), s, min(shard_size, n - s * shard_size), seed) for s in range((n + shard_size - 1) // shard_size)]
+    todo = [j for j in jobs if not (folder / f"{j[1]:08d}.tar").is_file()]
+    if todo:
+        print(f"writing {len(todo)} DataComp-like shards into {folder} ...", flush=True)
+        with mp.get_context("spawn").Pool(os.cpu_count()) as pool:
+            pool.map(_write_datacomp_like_shard, todo)
+    return folder
+
+
+def _write_datacomp_like_shard(job: tuple[str, int, int, int]) -> None:
+    from PIL import Image
+
+    from clipsift import formats
+    from clipsift.shards import ShardWriter
+
+    folder, shard, count, seed = job
+    uids = formats.random_uids(np.random.default_rng([seed, shard]), count)
+    with ShardWriter(folder, shard) as writer:
+        for row in range(count):
+            rng = np.random.default_rng([seed, shard, row])
+            w, h = (int(x) for x in rng.integers(256, 513, size=2))
+            # photo-like: a smooth colour field, mid-frequency texture and sensor noise
+            field = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+            texture = Image.fromarray(rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8))
+            texture = texture.resize((w, h), Image.BILINEAR)
+            pixels = 0.7 * np.asarray(field, np.float32) + 0.3 * np.asarray(texture, np.float32) + rng.normal(0, 6, (h, w, 3))
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+            jpeg = buf.getvalue()
+            caption = " ".join(rng.choice(WORDS, int(rng.integers(4, 21))))
+            meta = {"uid": uids[row], "url": f"http://bench.invalid/{uids[row]}.jpg", "caption": caption,
+                    "status": "success", "error_message": None, "width": w, "height": h,
+                    "original_width": int(w * rng.uniform(1, 4)), "original_height": int(h * rng.uniform(1, 4)),
+                    "sha256": hashlib.sha256(jpeg).hexdigest()}
+            writer.add(formats.sample_key(shard, row), jpeg, caption, meta)
+
+
+# ---------------------------------------------------------------- ceilings
+def model_ceiling(plan, device: str, shard_paths: list[Path], max_rows: int, seconds: float) -> dict:
+    """Encoder on pre-decoded chunks in a plain loop; on CPU the best of 1 thread and all cores."""
+    import torch
+
+    from clipsift.pipeline.decode import decode_chunk, read_chunks
+    from clipsift.pipeline.encoders import Encoder
+
+    chunks, rows = [], 0
+    for path in shard_paths:
+        for raw in read_chunks(str(path), 0, plan.batch_size):
+            c = decode_chunk(raw, plan).to_pylist()[0]
+            n = len(c["uid"])
+            if n:
+                chunks.append(({p.key: np.frombuffer(c[p.key], np.uint8).reshape(n, *p.shape) for p in plan.images},
+                               {t.key: np.frombuffer(c[t.key], np.int32).reshape(n, t.context_length) for t in plan.texts}))
+                rows += n
+            if rows >= max_rows:
+                break
+        if rows >= max_rows:
+            break
+    threads = [1, os.cpu_count()] if device == "cpu" else [torch.get_num_threads()]
+    result = {"rows_per_pass": rows, "by_threads": {}}
+    before = torch.get_num_threads()
+    for th in dict.fromkeys(threads):
+        torch.set_num_threads(th)
+        enc = Encoder(plan, device)
+        enc.encode(*chunks[0])  # warm-up (kernels, allocator)
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or done == 0:
+            for images, tokens in chunks:
+                enc.encode(images, tokens)  # returns host arrays: synchronised
+                done += len(next(iter(tokens.values())))
+        result["by_threads"][th] = done / (time.perf_counter() - t0)
+        del enc
+    torch.set_num_threads(before)
+    result["rows_per_s"] = max(result["by_threads"].values())
+    return result
+
+
+_RAW: list = []  # raw chunk rows, read before the pool forks, so workers get them without a pipe
+
+
+def _warm(plan) -> int:
+    from clipsift.pipeline.encoders import split_transform, tokenizer_for
+
+    for p in plan.images:
+        split_transform(p.cfg_json)
+    for t in plan.texts:
+        tokenizer_for(t.open_clip_name)(["warm up"])
+    time.sleep(0.2)  # keep this worker busy so the others take the remaining warm-up calls
+    return os.getpid()
+
+
+def _decode_count(args) -> int:
+    from clipsift.pipeline.decode import decode_chunk
+
+    index, plan = args
+    return len(decode_chunk(_RAW[index], plan).column("uid")[0])
+
+
+def decode_ceiling(plan, shard_paths: list[Path], workers: int) -> dict:
+    """decode_chunk over every chunk of the shards in a pool of `workers` forked processes.
+
+    The tars are read into memory first (not timed: reading is not decoding, and the pipeline's
+    read tasks are cheap); only chunk indices cross the pipe, so the figure is decode work alone.
+    """
+    from clipsift.pipeline.decode import read_chunks
+
+    _RAW[:] = [t for path in shard_paths for t in read_chunks(str(path), 0, plan.batch_size)]
+    with mp.get_context("fork").Pool(workers) as pool:  # fork: before any CUDA use in this process
+        pool.map(_warm, [plan] * workers, chunksize=1)  # imports, transforms, tokenizers: not timed
+        t0 = time.perf_counter()
+        rows = sum(pool.imap_unordered(_decode_count, [(i, plan) for i in range(len(_RAW))], chunksize=1))
+        wall = time.perf_counter() - t0
+    _RAW.clear()
+    return {"rows": rows, "seconds": wall, "rows_per_s": rows / wall, "workers": workers}
+
+
+# ---------------------------------------------------------------- pipeline
+def pipeline_runs(cfg_args: dict, repeats: int, tmp: Path) -> list[dict]:
+    from clipsift.pipeline.config import EmbedConfig
+    from clipsift.pipeline.embed import run_embed
+
+    runs = []
+    for r in range(repeats):
+        out = tmp / f"embed{r}"
+        stats = run_embed(EmbedConfig(**cfg_args, out=str(out)), echo=lambda *a: None)
+        run = stats["run"]
+        runs.append({"rows": run["rows_written"], "wall_s": run["wall_s"], "rows_per_s": run["rows_per_s"],
+                     "stage_seconds": stats["shard_timings_s"], "out": str(out)})
+        print(f"  pipeline repeat {r}: {run['rows_written']} rows in {run['wall_s']:.1f} s = "
+              f"{run['rows_per_s']:.0f} rows/s  (stage sums {stats['shard_timings_s']})", flush=True)
+    return runs
+
+
+def metadata_runs(src: Path, heads, repeats: int, tmp: Path) -> list[dict]:
+    from clipsift.pipeline.config import RayConfig, ScoreConfig
+    from clipsift.pipeline.score import run_score
+
+    runs = []
+    for r in range(repeats):
+        stats = run_score(ScoreConfig(input=str(src), out=str(tmp / f"score{r}"), heads=heads, batch_size=4096,
+                                      progress=False, ray=RayConfig()), echo=lambda *a: None)
+        runs.append({"rows": stats["run"]["rows_written"], "wall_s": stats["run"]["wall_s"],
+                     "rows_per_s": stats["run"]["rows_per_s"]})
+    return runs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", help="a world folder (default: generate or reuse one under runs/bench)")
+    p.add_argument("--world-pairs", type=int, default=12000, help="pool size of the generated world")
+    p.add_argument("--datacomp-like", type=int, default=0, metavar="N",
+                   help="benchmark on N DataComp-like 256-512 px samples instead of world shards")
+    p.add_argument("--data", help="folder for --datacomp-like shards (default runs/bench/datacomp-like-N)")
+    p.add_argument("--shard-size", type=int, default=2000, help="samples per --datacomp-like shard")
+    p.add_argument("--models", default="world", help=f"{', '.join(MODEL_SETS)} or name=arch,name=arch (random weights)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="", help="fp32 | fp16 | bf16 (default fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--model-threads", type=int, default=0, help="ray.model_threads of the pipeline's CPU actor")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ceiling-rows", type=int, default=4096, help="decoded rows the model ceiling loops over")
+    p.add_argument("--ceiling-seconds", type=float, default=10.0)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import ray
+    import torch
+
+    from clipsift import formats
+    from clipsift.eval.models import ModelSpec
+    from clipsift.pipeline.config import RayConfig
+    from clipsift.pipeline.encoders import make_plan, pick_device
+    from clipsift.pipeline.heads import HeadSpec
+
+    device = pick_device(args.device).type
+    precision = args.precision or ("fp16" if device == "cuda" else "fp32")
+    if args.datacomp_like:
+        shards_dir = datacomp_like_shards(Path(args.data or f"runs/bench/datacomp-like-{args.datacomp_like}"),
+                                          args.datacomp_like, args.shard_size)
+        data_name = f"datacomp-like-{args.datacomp_like}"
+    else:
+        shards_dir = world_shards(args.world, args.world_pairs)
+        data_name = "world" if args.world else f"world-{args.world_pairs}"
+    shard_paths = formats.list_shards(shards_dir)
+    names = MODEL_SETS.get(args.models) or dict(item.split("=", 1) for item in args.models.split(","))
+    models = {n: ModelSpec(a, "") for n, a in names.items()}
+    heads = {f"clip_{n}_similarity_score": HeadSpec("clip_score", n) for n in models}
+    plan = make_plan(models, heads, batch_size=args.batch_size, normalize=True, precision=precision, seed=0,
+                     allow_random_weights=True)
+    cpus = os.cpu_count()
+    print(f"{len(shard_paths)} shards in {shards_dir}; models {names}; device {device} ({precision}); {cpus} CPUs",
+          flush=True)
+
+    b = decode_ceiling(plan, shard_paths, cpus)  # first: its pool forks, which must happen before CUDA starts
+    print(f"(b) decode ceiling: {b['rows_per_s']:.0f} rows/s  ({b['rows']} rows, {cpus} processes)", flush=True)
+    a = model_ceiling(plan, device, shard_paths, args.ceiling_rows, args.ceiling_seconds)
+    print(f"(a) model ceiling: {a['rows_per_s']:.0f} rows/s  (by torch threads: "
+          f"{ {k: round(v) for k, v in a['by_threads'].items()} })", flush=True)
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        Path("runs/bench").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir="runs/bench") as tmp:
+            cfg_args = dict(input=str(shards_dir), models=models, heads=heads, allow_random_weights=True,
+                            batch_size=args.batch_size, device=args.device, precision=precision, progress=False,
+                            ray=RayConfig(model_threads=args.model_threads))
+            runs = pipeline_runs(cfg_args, args.repeats, Path(tmp))
+            meta = metadata_runs(Path(runs[0]["out"]) / "metadata", heads, args.repeats, Path(tmp))
+    finally:
+        ray.shutdown()
+
+    pipe = statistics.median(r["rows_per_s"] for r in runs)
+    meta_rate = statistics.median(r["rows_per_s"] for r in meta)
+    lower = min(a["rows_per_s"], b["rows_per_s"])
+    goal = 0.8 if device == "cuda" else 0.5
+    key = f"{device}-{args.models}-{data_name}"
+    result = {
+        "machine": {"cpus": cpus,
+                    "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+                    "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version()},
+        "setup": {"shards": len(shard_paths), "models": names, "precision": precision, "batch_size": args.batch_size,
+                  "model_threads": args.model_threads or "default", "repeats": args.repeats},
+        "model_ceiling": a, "decode_ceiling": b,
+        "pipeline": {"runs": [{k: v for k, v in r.items() if k != "out"} for r in runs], "median_rows_per_s": pipe},
+        "metadata_mode": {"runs": meta, "median_rows_per_s": meta_rate},
+        "ratios": {"pipeline_vs_lower_ceiling": pipe / lower, "pipeline_vs_model_ceiling": pipe / a["rows_per_s"],
+                   "pipeline_vs_decode_ceiling": pipe / b["rows_per_s"],
+                   "lower_ceiling": "model" if a["rows_per_s"] <= b["rows_per_s"] else "decode", "goal": goal},
+    }
+    print(f"(c) pipeline: median {pipe:.0f} rows/s = {pipe / lower:.2f} of the lower ceiling "
+          f"({result['ratios']['lower_ceiling']}, {lower:.0f} rows/s); goal >= {goal}")
+    print(f"(d) metadata mode: median {meta_rate:.0f} rows/s")
+    out = Path(args.out)
+    merged = json.loads(out.read_text()) if out.is_file() else {}
+    merged[key] = result
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=2, default=str) + "\n")
+    print(f"wrote {out} [{key}]")
+
+
+if __name__ == "__main__":
+    main()
