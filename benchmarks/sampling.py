@@ -94,12 +94,14 @@ def main() -> None:
     rows = []
     for n in sizes:
         repeats = args.repeats if n <= 16 * 10**6 else 1
+        load = os.getloadavg()[0]
         row = {"n": n, "fast": summarise([run_child("fast", n, args) for _ in range(repeats)])}
         if n <= direct_max:
             repeats = args.direct_repeats if n <= 2 * 10**6 else 1
             row["direct"] = summarise([run_child("direct", n, args) for _ in range(repeats)])
             for key in ("wall_s", "cpu_s"):
                 row[f"speedup_{key[:-2]}"] = row["direct"][key] / row["fast"][key]
+        row["loadavg_1min"] = [load, os.getloadavg()[0]]  # other jobs on the cores: start, end
         rows.append(row)
         print_row(row, flush=True)
     result = {
@@ -107,13 +109,17 @@ def main() -> None:
         "settings": {"alpha": args.alpha, "batch_size": args.batch_size, "block_size": args.block_size,
                      "seed": args.seed},
         "machine": {"cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-                    "numpy": np.__version__},
+                    "numpy": np.__version__},  # this invocation; each row has its own load
         "reference_direct_s": {"1000000": 1.1, "4000000": 10.3},  # the figures, same machine
         "results": rows,
     }
     out = Path(args.out)
     if out.exists() and out.resolve() == RESULTS.resolve():  # keep other sizes measured earlier
-        old = {r["n"]: r for r in json.loads(out.read_text()).get("results", [])}
+        earlier = json.loads(out.read_text())
+        old = {r["n"]: r for r in earlier.get("results", [])}
+        for r in old.values():  # rows from before per-row load was recorded
+            r.setdefault("loadavg_1min", [earlier["machine"]["loadavg_start"][0],
+                                          earlier["machine"]["loadavg_end"][0]])
         old.update({r["n"]: r for r in rows})
         result["results"] = [old[k] for k in sorted(old)]
     out.parent.mkdir(parents=True, exist_ok=True)
