@@ -18,9 +18,13 @@ Why it is exact, in three steps:
    item of the block, an accepted draw is exactly p-distributed (standard rejection sampling);
    items already drawn this round get acceptance 0, which gives p restricted to unseen items.
 3. The envelope stays valid for free: logits only go down (each draw subtracts alpha), so
-   env_B = the block's max logit at any earlier time is still >= every current logit. We only
-   tighten it (recompute the max of the blocks where proposals were rejected) when the
-   acceptance rate drops, and sampling stays exact whatever the envelope is.
+   env_B = the block's max logit at any earlier time is still >= every current logit. It is
+   tightened (set to the block's current max) only where and when too many proposals fail:
+   mid-round over the items not yet drawn this round (re-admitted at the round's end), after a
+   round over all items. Any valid envelope gives the same law; tightness only buys speed.
+   A batch's uniforms are generated already sorted, so memory is walked in order; the i.i.d.
+   sequence order needed to keep "the first `need`" is a uniform random permutation,
+   independent of the values, drawn only in a batch that found more new items than needed.
 
 Items are grouped by score before being cut into blocks of at most m items (a radix sort into
 score bands of equal width, 0.05 or 1/65535 of the score range at most; no block spans two
