@@ -114,7 +114,7 @@ def decode_chunk(row: pa.Table, plan: Plan) -> pa.Table:
     t0 = time.perf_counter()
     r = row.to_pylist()[0]
     sample_records = [i for i, reason in enumerate(r["reasons"]) if not reason]
-    pixels: dict[str, list[np.ndarray]] = {p.key: [] for p in plan.images}
+    pixels = {p.key: np.empty((len(r["encoded"]), *p.shape), np.uint8) for p in plan.images}
     kept = []
     for j, data in enumerate(r["encoded"]):
         arrays, error = decode_image(data, plan)
@@ -122,9 +122,9 @@ def decode_chunk(row: pa.Table, plan: Plan) -> pa.Table:
             r["reasons"][sample_records[j]] = shards.CORRUPT_IMAGE
             r["details"][sample_records[j]] = error
             continue
-        kept.append(j)
         for key, a in arrays.items():
-            pixels[key].append(a)
+            pixels[key][len(kept)] = a
+        kept.append(j)
     texts = [r["text"][j] for j in kept]
     cols: dict[str, pa.Array] = {
         "shard": row.column("shard"), "chunk": row.column("chunk"), "last": row.column("last"),
@@ -135,14 +135,20 @@ def decode_chunk(row: pa.Table, plan: Plan) -> pa.Table:
         "notes": row.column("notes"),
     }
     for p in plan.images:
-        arr = np.stack(pixels[p.key]) if kept else np.zeros((0, *p.shape), np.uint8)
-        cols[p.key] = pa.array([arr.tobytes()], pa.large_binary())
+        cols[p.key] = blob(pixels[p.key][:len(kept)])
     for t in plan.texts:
         toks = tokenizer_for(t.open_clip_name)(texts).numpy() if kept else np.zeros((0, t.context_length))
-        cols[t.key] = pa.array([toks.astype(np.int32).tobytes()], pa.large_binary())
+        cols[t.key] = blob(toks.astype(np.int32))
     cols["read_s"] = row.column("read_s")
     cols["decode_s"] = pa.array([time.perf_counter() - t0], pa.float64())
     return pa.table(cols)
+
+
+def blob(arr: np.ndarray) -> pa.Array:
+    """A one-element large_binary array viewing `arr`'s bytes (no copy; the shape is in the plan)."""
+    arr = np.ascontiguousarray(arr)
+    offsets = pa.py_buffer(np.array([0, arr.nbytes], np.int64))
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(arr)])
 
 
 def decode_image(data: bytes, plan: Plan) -> tuple[dict[str, np.ndarray], str]:
