@@ -55,18 +55,30 @@ def random_uids(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def uids_to_u8u8(uids: Iterable[str]) -> np.ndarray:
-    """Hex uids -> structured u8,u8 array (unsorted, same order)."""
-    uids = list(uids)
-    out = np.empty(len(uids), dtype=SUBSET_DTYPE)
-    for i, uid in enumerate(uids):
-        if not is_uid(uid):
-            raise FormatError(f"uid #{i} {uid!r} is not 32 lowercase hex characters")
-        out[i] = (int(uid[:16], 16), int(uid[16:], 16))
+    """Hex uids -> structured u8,u8 array (unsorted, same order). Vectorised: one hex decode of
+    the joined string, so 100M uids take seconds, not minutes."""
+    arr = np.asarray(uids if isinstance(uids, np.ndarray) else list(uids), dtype=object)
+    out = np.empty(len(arr), dtype=SUBSET_DTYPE)
+    if not len(arr):
+        return out
+    joined = "".join(u if isinstance(u, str) else "?" for u in arr)
+    try:
+        raw = bytes.fromhex(joined) if len(joined) == 32 * len(arr) and joined == joined.lower() else None
+    except ValueError:
+        raw = None
+    if raw is None:  # find and name the first bad uid
+        i = next(i for i, u in enumerate(arr) if not is_uid(u))
+        raise FormatError(f"uid #{i} {arr[i]!r} is not 32 lowercase hex characters")
+    words = np.frombuffer(raw, dtype=">u8").reshape(-1, 2)
+    out["f0"], out["f1"] = words[:, 0], words[:, 1]
     return out
 
 
 def u8u8_to_uids(arr: np.ndarray) -> list[str]:
-    return [f"{int(a):016x}{int(b):016x}" for a, b in zip(arr["f0"], arr["f1"])]
+    words = np.empty((len(arr), 2), dtype=">u8")
+    words[:, 0], words[:, 1] = arr["f0"], arr["f1"]
+    hexed = words.tobytes().hex()
+    return [hexed[32 * i : 32 * (i + 1)] for i in range(len(arr))]
 
 
 def write_subset(path: str | Path, uids: Iterable[str]) -> np.ndarray:
