@@ -252,6 +252,7 @@ def main() -> None:
     plan = make_plan(models, heads, batch_size=args.batch_size, normalize=True, precision=precision, seed=0,
                      allow_random_weights=True)
     cpus = os.cpu_count()
+    load_before = os.getloadavg()  # other jobs on the machine skew every figure: say how busy it was
     print(f"{len(shard_paths)} shards in {shards_dir}; models {names}; device {device} ({precision}); {cpus} CPUs",
           flush=True)
 
@@ -281,7 +282,8 @@ def main() -> None:
     result = {
         "machine": {"cpus": cpus,
                     "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-                    "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version()},
+                    "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
+                    "load_average_1_5_15min": {"start": load_before, "end": os.getloadavg()}},
         "setup": {"shards": len(shard_paths), "models": names, "precision": precision, "batch_size": args.batch_size,
                   "model_threads": args.model_threads or "default", "repeats": args.repeats},
         "model_ceiling": a, "decode_ceiling": b,

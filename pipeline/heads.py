@@ -42,6 +42,8 @@ class Head(Protocol):
 # kind -> "module:factory"; a factory takes (column, HeadSpec) and returns a Head.
 HEAD_KINDS: dict[str, str] = {
     "clip_score": "clipsift.pipeline.heads:ClipScore",
+    "flyt": "clipsift.training.flyt.heads:ScorerHead",  # checkpoint: a FLYT run's scorer.pt (or its folder)
+    "mflyt": "clipsift.training.flyt.heads:ScorerHead",  # checkpoint: an M-FLYT run's scorer.pt
 }
 
 

@@ -239,7 +239,10 @@ def test_killed_run_resumes_to_identical_bytes(embedded, tmp_path):
 
 
 def test_metadata_mode_reproduces_shard_mode_scores(embedded, tmp_path):
+    """Also runs a learned head (a FLYT GLU scorer saved as FLYT saves it) in the same pass."""
     from clipsift.pipeline.score import run_score
+    from clipsift.training.flyt.heads import score_embeddings
+    from clipsift.training.flyt.scorer import GLUScorer
 
     cfg, _ = embedded
     src = Path(cfg.out) / "metadata"
@@ -249,12 +252,23 @@ def test_metadata_mode_reproduces_shard_mode_scores(embedded, tmp_path):
     for f in sorted(src.glob("*.parquet")):
         pq.write_table(pq.read_table(f).drop_columns(SCORES), stripped / f.name)
         shutil.copyfile(f.with_suffix(".npz"), stripped / f"{f.stem}.npz")
+    torch.manual_seed(3)
+    scorer = GLUScorer(input_dim=2 * 128, hidden=32)
+    flyt = tmp_path / "scorer.pt"
+    torch.save({"kind": "flyt", "spec": scorer.spec, "state_dict": scorer.state_dict(),
+                "inputs": ["b32_img", "b32_txt"], "column": "flyt_score"}, flyt)
+    heads = {s: HeadSpec("clip_score", m) for s, m in zip(SCORES, ["b32", "l14"])}
+    heads["flyt_score"] = HeadSpec("flyt", checkpoint=str(flyt))
     out = tmp_path / "scored"
-    stats = run_score(ScoreConfig(input=str(stripped), out=str(out), batch_size=100, progress=False,
+    stats = run_score(ScoreConfig(input=str(stripped), out=str(out), heads=heads, batch_size=100, progress=False,
                                   ray=RayConfig(num_cpus=2)), echo=quiet)
     assert stats["run"]["shards_written"] == 3
     for f in sorted(src.glob("*.parquet")):
         want, got = pq.read_table(f), pq.read_table(out / "metadata" / f.name)
+        with np.load(f.with_suffix(".npz")) as z:
+            np.testing.assert_allclose(got.column("flyt_score").to_numpy(),
+                                       score_embeddings(flyt, z["b32_img"], z["b32_txt"]), rtol=1e-5, atol=1e-6)
+        got = got.drop_columns(["flyt_score"])
         assert got.schema == want.schema
         for s in SCORES:
             np.testing.assert_allclose(got.column(s).to_numpy(), want.column(s).to_numpy(), rtol=0, atol=1e-6)
