@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m clipsift world --preset tiny
+	$(PY) -m clipsift compare --preset tiny
 
 test: $(STAMP)
 	$(PY) -m pytest -q
