@@ -1,6 +1,7 @@
 """Shard mode: img2dataset shards in, DataComp-layout metadata + embeddings + scores out, resumable.
 
-    shards ──read tasks (CPU, parallel)──> chunks: uint8 images, int32 tokens, metadata, skips
+    shards ──read tasks (one per shard)──> chunk rows: encoded images, captions, json fields, skips
+           ──decode tasks (CPU, one chunk each, parallel)──> uint8 images, int32 tokens
            ──ONE model stage (an actor per GPU, or one CPU actor)──> every model's embeddings, every head
            ──driver──> per shard: sort chunks, write parquet + npz, then the done marker
 

@@ -28,6 +28,7 @@ from clipsift import formats
 from clipsift.runlog import atomic_path, read_json, write_json
 
 METADATA_DIR = "metadata"
+STEP_ORDER = ("read", "decode", "model", "write")  # how a shard flows, for the summary table
 DONE_DIR = "done"
 
 
@@ -133,15 +134,24 @@ def run_stats(out: Path, stems: list[str], run: dict[str, Any]) -> dict[str, Any
     return stats
 
 
-def summary_table(stats: dict[str, Any]) -> str:
-    """A readable per-shard table for the end of a run."""
-    steps = sorted({s for m in stats["shards"].values() for s in m["timings"]})
+def summary_table(stats: dict[str, Any], limit: int = 30) -> str:
+    """A readable per-shard table for the end of a run (the first `limit` shards, then the total)."""
+    found = {s for m in stats["shards"].values() for s in m["timings"]}
+    steps = [s for s in STEP_ORDER if s in found] + sorted(found - set(STEP_ORDER))
     head = ["shard", "rows in", "rows out", *[f"{s} s" for s in steps], "skipped"]
     rows = []
-    for stem, m in stats["shards"].items():
+    shown = list(stats["shards"].items())
+    if len(shown) > limit:
+        rows_more = [f"... {len(shown) - limit} more", "", "", *[""] * len(steps), "(every shard is in stats.json)"]
+        shown = shown[:limit]
+    else:
+        rows_more = None
+    for stem, m in shown:
         skipped = ", ".join(f"{r}={n}" for r, n in m["skipped"].items()) or "-"
         rows.append([stem, str(m["rows_in"]), str(m["rows_out"]),
                      *[f"{m['timings'].get(s, 0):.2f}" for s in steps], skipped])
+    if rows_more:
+        rows.append(rows_more)
     t = stats["totals"]
     rows.append(["TOTAL", str(t["rows_in"]), str(t["rows_out"]),
                  *[f"{stats['shard_timings_s'].get(s, 0):.2f}" for s in steps],

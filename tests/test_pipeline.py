@@ -71,9 +71,12 @@ def models(tmp_path_factory) -> dict[str, ModelSpec]:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # another module's session is used as is
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 def embed_config(shards_dir: Path, out: Path, models: dict[str, ModelSpec], **kw) -> EmbedConfig:
@@ -412,12 +415,17 @@ def test_random_weights_refused_unless_allowed(ci_world, tmp_path):
 
 
 def test_model_actors_never_take_every_cpu(ray_local):
+    import ray
+
     from clipsift.pipeline.raysession import ResourceError, stage_plan
 
+    cpus = ray.cluster_resources()["CPU"]
     with pytest.raises(ResourceError, match="would hang"):
-        stage_plan(RayConfig(model_cpus=2), "auto")
-    sp = stage_plan(RayConfig(), "auto")
-    assert sp.model_actors == 1 and sp.read_slots == 1 and not sp.use_gpu
+        stage_plan(RayConfig(model_cpus=cpus), "auto")
+    with pytest.raises(ResourceError, match="would hang"):
+        stage_plan(RayConfig(model_actors=2, model_cpus=cpus / 2), "cpu")
+    sp = stage_plan(RayConfig(), "cpu")
+    assert sp.model_actors == 1 and sp.read_slots == int(cpus) - 1 and not sp.use_gpu and sp.model_threads == 1
 
 
 # ---------------------------------------------------------------- a real kill
