@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from clipsift.config import ConfigError
@@ -45,6 +46,8 @@ def main(cfg, args: argparse.Namespace) -> int:
     except (ConfigError, TaskError, ModelError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"clipsift {command}: error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     stats = json.loads((out / "stats.json").read_text())
     final = stats.get("final") or {}
     print(f"{command}: {stats['steps']}/{stats['steps_total']} steps, {stats['seconds_per_step']} s/step, "

@@ -81,11 +81,25 @@ def _fill_from_world(cfg: LoopConfig) -> None:
     cfg.reference.pretrained = cfg.reference.pretrained or str(world / "models" / "b32")
 
 
-def setup_scorer(cfg: LoopConfig) -> ScorerSetup:
-    """The scorer and its features for this config (seed torch first: the init is random)."""
+def _check_inputs(cfg: LoopConfig) -> None:
+    """Say what is missing before anything slow starts."""
     if not cfg.metadata:
         raise ValueError("metadata is required: the pipeline's OUT/metadata folder for this pool "
                          "(DataComp parquet + npz; `clipsift embed` writes it)")
+    if not cfg.pool:
+        raise ValueError("pool is required (a folder of {:08d}.tar shards), or world=DIR")
+    if not cfg.downstream.tasks:
+        raise ValueError("downstream.tasks is required (a tasks.yaml), or world=DIR")
+    if not cfg.reference.pretrained:
+        raise ValueError("reference.pretrained is required (a pretrained CLIP checkpoint or run folder; "
+                         "with world=DIR it is DIR/models/b32, see `clipsift train --reference-models`)")
+    for name, path in (("metadata", cfg.metadata), ("pool", cfg.pool), ("downstream.tasks", cfg.downstream.tasks)):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{name}: {path} does not exist")
+
+
+def setup_scorer(cfg: LoopConfig) -> ScorerSetup:
+    """The scorer and its features for this config (seed torch first: the init is random)."""
     if isinstance(cfg, FlytConfig):
         sc = cfg.scorer
         names = [f"{sc.embeddings}_img", f"{sc.embeddings}_txt"]
@@ -107,6 +121,7 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
     from clipsift.eval.tasks import load_tasks
     from clipsift.training.loop import cosine_lr
 
+    _check_inputs(cfg)
     comm = Comm()
     timer = Timer()
     t_start = time.perf_counter()
@@ -120,9 +135,6 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {comm.world_size} ranks")
 
     # Reference model (eval mode: BatchNorm statistics frozen, see hypergrad.py), scorer, ρ.
-    if not cfg.reference.pretrained:
-        raise ValueError("reference.pretrained is required (a pretrained CLIP checkpoint or run folder; "
-                         "with world=DIR it is DIR/models/b32, see `clipsift train --reference-models`)")
     with timer("load_models"):
         ref = load_model(cfg.reference.arch, cfg.reference.pretrained, device)
     model = ref.model.eval()
