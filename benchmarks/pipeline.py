@@ -26,7 +26,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import shutil
 import statistics
 import tempfile
 import time
