@@ -20,6 +20,7 @@ class StrategySpec:
     name: str = ""
     filter: Optional[FilterSpec] = None
     sample: Optional[SampleConfig] = None  # `metadata` and `out` are filled in by compare
+    seeds: Optional[list[int]] = None  # this strategy's training seeds (default: the run's seeds)
 
 
 @dataclass

@@ -62,6 +62,26 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verdict(rows: list[dict[str, Any]]) -> str:
+    """Are the differences between strategies larger than the seed-to-seed spread? Said plainly."""
+    if len(rows) < 2:
+        return "Only one strategy: nothing to compare."
+    spread = [r["average"]["std"] for r in rows if len(r["seeds"]) > 1]
+    order = sorted(rows, key=lambda r: -r["average"]["mean"])
+    best, worst = order[0], order[-1]
+    gap = 100 * (best["average"]["mean"] - worst["average"]["mean"])
+    if not spread:
+        return (f"Best ({best['strategy']}) minus worst ({worst['strategy']}): {gap:.1f} points. Every strategy ran "
+                "with one seed, so the seed-to-seed spread is unknown: run with more seeds before trusting an order.")
+    sd = 100 * float(np.mean(spread))
+    clear = [r["strategy"] for r in order if 100 * (best["average"]["mean"] - r["average"]["mean"]) > 2 * sd]
+    ties = [r["strategy"] for r in order if r["strategy"] not in clear]
+    return (f"Seed-to-seed spread (std of the average, mean over the {len(spread)} strategies run with several "
+            f"seeds): {sd:.1f} points. Best ({best['strategy']}) minus worst ({worst['strategy']}): {gap:.1f} points, "
+            f"{gap / sd if sd else float('inf'):.1f}x the spread. Within 2 spreads of the best (not separable here): "
+            f"{', '.join(ties)}. Clearly below the best: {', '.join(clear) or 'none'}.")
+
+
 def csv_table(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     if not rows:
@@ -130,7 +150,7 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(strategies, results)
     write_json(out / "results.json", {"rows": rows, "runs": results})
-    atomic_write_text(out / "results.md", markdown_table(rows))
+    atomic_write_text(out / "results.md", markdown_table(rows) + "\n" + verdict(rows) + "\n")
     atomic_write_text(out / "results.csv", csv_table(rows))
     figures = []
     order = sorted(rows, key=lambda r: -r["average"]["mean"])
@@ -217,7 +237,7 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
             f"World: `{compare.world}` · scale: `{compare.cfg.scale}` {' '.join(compare.cfg.scale_overrides)} · "
             f"seeds: {compare.cfg.seeds}", "",
             "Main metric per task (acc1, or mean recall@1 for retrieval), in %; mean ± std over seeds.", "",
-            markdown_table(rows)]
+            markdown_table(rows), "", f"**Spread vs. differences.** {verdict(rows)}"]
     if kept:
         kinds = sorted({k for v in kept.values() for k in v})
         page += ["", "## Planted noise kept", "", "| strategy | " + " | ".join(kinds) + " |",

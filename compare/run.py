@@ -236,18 +236,15 @@ class Compare:
         self.out.mkdir(parents=True, exist_ok=True)
         config.dump(self.cfg, self.out / "config.yaml")
         strategies = [s for s in self.cfg.strategies if not self.cfg.only or s.name in self.cfg.only]
+        plan = [(s, seed) for s in strategies for seed in (s.seeds or self.cfg.seeds)]
         results = []
-        total = len(strategies) * len(self.cfg.seeds)
-        for i, strategy in enumerate(strategies):
-            for seed in self.cfg.seeds:
-                done = len(results)
-                self.echo(f"[compare] strategy {done + 1}/{total}: {strategy.name} (seed {seed})")
-                with self.timer(f"strategy/{strategy.name}"):
-                    res = self.train_and_eval(strategy, seed)
-                results.append(res)
-                avg = res["summary"].get("average")
-                self.echo(f"[compare]   {strategy.name} seed {seed}: average {avg:.4f}, "
-                          f"{res['unique']} unique / {res['subset_size']} in subset")
+        for i, (strategy, seed) in enumerate(plan):
+            self.echo(f"[compare] run {i + 1}/{len(plan)}: {strategy.name} (seed {seed})")
+            with self.timer(f"strategy/{strategy.name}"):
+                res = self.train_and_eval(strategy, seed)
+            results.append(res)
+            self.echo(f"[compare]   {strategy.name} seed {seed}: average {res['summary']['average']:.4f}, "
+                      f"{res['unique']} unique / {res['subset_size']} in subset")
         write_json(self.out / "stats.json", {"timings_s": self.timer.as_dict(), "runs": len(results)})
         write_report(self, strategies, results)
         return results
