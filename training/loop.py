@@ -102,6 +102,9 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, run: Path, rank: int, world_size: int, device: torch.device) -> Path:
     timer = Timer()
     t_start = time.perf_counter()
+    for key in ("samples_seen", "batch_size", "log_every", "checkpoint_every", "warmup"):
+        if getattr(cfg, key) < (0 if key == "warmup" else 1):
+            raise ValueError(f"{key} must be {'>= 0' if key == 'warmup' else '>= 1'}, got {getattr(cfg, key)}")
     steps = cfg.samples_seen // cfg.batch_size
     if steps < 1:
         raise ValueError(f"samples_seen {cfg.samples_seen} is less than one batch of {cfg.batch_size}")

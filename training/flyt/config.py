@@ -75,7 +75,9 @@ class ScorerConfig:
     embeddings: str = "b32"  # the pipeline model whose <name>_img / <name>_txt arrays are Ψ
     hidden: int = 0  # 0 = the input dimension (the paper's choice)
     depth: int = 1  # GLU blocks
-    init: Literal["random", "clip_score"] = "random"  # clip_score: start as init_scale * cosine(img, txt)
+    # random: PyTorch's default init; uniform: output layer zeroed, so every example starts with the same
+    # score (uniform weights, nothing ranked by chance); clip_score: start as init_scale * cosine(img, txt)
+    init: Literal["random", "uniform", "clip_score"] = "random"
     init_scale: float = 10.0
     lr: float = 1e-3
     wd: float = 0.2  # on >= 2-D weights only

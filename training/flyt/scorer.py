@@ -48,6 +48,13 @@ class GLUScorer(nn.Module):
         return x.squeeze(-1)
 
     @torch.no_grad()
+    def zero_output(self) -> None:
+        """Every score 0 at the start (uniform weights); the hidden layers keep their random init,
+        so the first gradients reach the output layer and then the rest."""
+        self.blocks[-1].w2.weight.zero_()
+        self.blocks[-1].w2.bias.zero_()
+
+    @torch.no_grad()
     def init_as_clip_score(self, scale: float, offset: float = 8.0) -> None:
         """Start as s ≈ scale · ⟨û, t̂⟩ for Ψ = [û; t̂] (needs depth 1 and hidden >= input dim).
 

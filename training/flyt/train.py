@@ -107,6 +107,8 @@ def setup_scorer(cfg: LoopConfig) -> ScorerSetup:
         scorer = GLUScorer(feats.values.shape[1], sc.hidden or None, sc.depth)
         if sc.init == "clip_score":
             scorer.init_as_clip_score(sc.init_scale)
+        elif sc.init == "uniform":
+            scorer.zero_output()
         return ScorerSetup("flyt", scorer, feats, names, sc.lr, sc.wd)
     if isinstance(cfg, MFlytConfig):
         mc = cfg.mixer
@@ -316,11 +318,14 @@ def score_metadata(scorer: torch.nn.Module, setup: ScorerSetup, cfg: LoopConfig,
 
     scorer.eval()
     pool = MetadataPool(cfg.metadata)
-    if setup.kind == "flyt":  # Ψ from the npz, one metadata file per batch
-        batches = pool.batches({"uid"}, set(setup.inputs), batch_size=max(pool.rows))
-        for path, batch in zip(pool.files, batches):
+    if setup.kind == "flyt":  # Ψ from the npz, one metadata file per batch (found by its first row)
+        first_row = dict(zip(np.cumsum([0] + pool.rows[:-1]).tolist(), pool.files))
+        for path, n in zip(pool.files, pool.rows):
+            if n == 0:
+                _write_scores(out / f"{path.stem}.parquet", [], np.zeros(0, np.float32), cfg.column)
+        for batch in pool.batches({"uid"}, set(setup.inputs), batch_size=max(max(pool.rows), 1)):
             x = features_from_inputs("flyt", [torch.from_numpy(batch.embedding(k)) for k in setup.inputs])
-            _write_scores(out / f"{path.stem}.parquet", list(batch.column("uid")),
+            _write_scores(out / f"{first_row[batch.offset].stem}.parquet", list(batch.column("uid")),
                           scorer(x.to(device)).float().cpu().numpy(), cfg.column)
     else:  # the mixer's inputs were all read already, in the row order of the main metadata folder
         values = torch.from_numpy(setup.features.values)
