@@ -24,7 +24,7 @@ from clipsift.pipeline.decode import decode_task, read_task
 from clipsift.pipeline.encoders import Encoder, Plan, make_plan
 from clipsift.pipeline.output import finished, output_schema, run_stats, summary_table, write_outputs
 from clipsift.pipeline.raysession import StagePlan, ray_session, stage_plan
-from clipsift.runlog import Counts
+from clipsift.runlog import Counts, atomic_write_text
 
 MISSING_FROM_TAR = "missing_from_tar"  # the stats file counts more successes than the tar holds
 MISSING_STATS = "missing_stats_file"
@@ -51,6 +51,7 @@ def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
     written: list[str] = []
     rows = 0
     run: dict[str, Any] = {"fingerprint": fingerprint, "shards_skipped_done": len(done_before)}
+    timeline: list[tuple[float, int]] = []  # (seconds since start, rows written): startup vs steady state
     if pending:
         t0 = time.perf_counter()
         with ray_session(cfg.ray, cfg.progress):
@@ -62,16 +63,37 @@ def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
                 path = pending[shard]
                 rows += write_shard(out, path, chunk_rows, plan, fingerprint, expected[path.stem])
                 written.append(path.stem)
+                timeline.append((round(time.perf_counter() - t_start, 3), rows))
                 if cfg.max_shards and len(written) >= cfg.max_shards:
                     echo(f"embed: stopping after max_shards={cfg.max_shards}; re-run to finish the rest")
                     break
+            write_ray_stats(out, ds)
     wall = time.perf_counter() - t_start
-    run.update(shards_written=len(written), rows_written=rows, wall_s=round(wall, 3), rows_per_s=round(rows / wall, 1))
+    run.update(shards_written=len(written), rows_written=rows, wall_s=round(wall, 3), rows_per_s=round(rows / wall, 1),
+               timeline=timeline, steady_rows_per_s=steady_rate(timeline))
     stats = run_stats(out, stems, run)
     echo(summary_table(stats))
     echo(f"embed: wrote {len(written)} shards ({rows} rows) in {run['wall_s']:.1f} s; "
          f"{stats['shards_done']}/{len(stems)} shards done; outputs in {out}")
     return stats
+
+
+def steady_rate(timeline: list[tuple[float, int]]) -> float | None:
+    """Rows/s from the first shard written to the last: the run without its start-up (worker
+    processes, model load, first chunks in flight). None with fewer than two shards."""
+    if len(timeline) < 2 or timeline[-1][0] <= timeline[0][0]:
+        return None
+    (t0, r0), (t1, r1) = timeline[0], timeline[-1]
+    return round((r1 - r0) / (t1 - t0), 1)
+
+
+def write_ray_stats(out: Path, ds) -> None:
+    """Ray Data's own per-operator report (wall/CPU time, rows, backpressure) next to stats.json."""
+    try:
+        text = ds.stats()
+    except Exception as e:  # informational only; never fail a finished run over it
+        text = f"Ray Data stats unavailable: {e}"
+    atomic_write_text(out / "ray_stats.txt", text + "\n")
 
 
 def expected_rows(shard_paths: list[Path], on_missing: str) -> dict[str, int | None]:
