@@ -45,7 +45,7 @@ class Stepper:
     def __init__(self, cfg: TrainConfig, device: torch.device, rank: int = 0, world_size: int = 1):
         torch.manual_seed(cfg.seed)
         self.model = model = create_model(cfg.model, device)
-        if world_size > 1 and cfg.sync_bn:
+        if cfg.sync_bn:
             use_global_batchnorm(model)
         self.device, self.grad_clip_norm = device, cfg.grad_clip_norm
         self.mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=device)

@@ -53,27 +53,33 @@ def param_groups(model: nn.Module, wd: float) -> list[dict]:
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm over the global batch of all ranks, on any device and backend (gloo included).
+    """Training-mode batch norm over the global batch of all ranks, by an explicit formula.
 
-    torch's SyncBatchNorm refuses CPU tensors; this one all-reduces per-channel sums with
-    autograd-aware collectives, so a ResNet tower trained with DDP normalises exactly like one
-    process on the whole batch. State-dict keys are BatchNorm2d's, so checkpoints stay stock.
+    The statistics are per-channel sums all-reduced with autograd-aware collectives (any device and
+    backend, gloo included; torch's SyncBatchNorm refuses CPU tensors), so a ResNet tower trained
+    with DDP normalises exactly like one process on the whole batch. One process uses the same
+    formula, so 1 and N processes agree to float rounding; it is also more accurate than torch's
+    fused CPU kernel in fp32 (on the ci world, first-step gradients within 5e-6 of a float64
+    reference where the fused kernel is off by 6e-3). Eval mode is plain BatchNorm2d, and the
+    state-dict keys are BatchNorm2d's, so checkpoints stay stock.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not self.training:
             return super().forward(x)
+        ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         with warnings.catch_warnings():  # torch.distributed.nn is "deprecated" but is the differentiable API
             warnings.simplefilter("ignore", FutureWarning)
             from torch.distributed.nn import all_reduce
 
+            total = all_reduce if ranks > 1 else (lambda t: t)
             xf = x.float()
             count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
-            stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), count]))
+            stats = total(torch.cat([xf.sum((0, 2, 3)), count]))
             n = stats[-1]
             mean = stats[:-1] / n
             centred = xf - mean[None, :, None, None]
-            var = all_reduce((centred * centred).sum((0, 2, 3))) / n
+            var = total((centred * centred).sum((0, 2, 3))) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
