@@ -11,7 +11,9 @@
 (c) pipeline: `run_embed` end to end into a fresh folder per repeat, with Ray already started:
     planning, actor start and model load, every stage and every write are inside the time.
 (d) metadata mode: `run_score` (clip-score heads) over (c)'s output.
-The ratio that matters is pipeline / min(a, b). Medians of --repeats, after one untimed warm-up
+Each repeat measures (b), then (a), then runs (c), so its ratio compares figures taken a minute or
+so apart, whatever else the machine is doing. The ratio that matters is pipeline / min(a, b):
+medians of the per-repeat ratios over --repeats, after one untimed warm-up
 run (Ray's worker processes started, imports done). Each run also reports its rate after its
 first shard was written (start-up excluded) and Ray Data's per-operator stats. Use enough data
 that start-up (worker imports, model load: seconds) is small against the run: on a 16-core GPU
@@ -103,43 +105,44 @@ def _write_datacomp_like_shard(job: tuple[str, int, int, int]) -> None:
 
 
 # ---------------------------------------------------------------- ceilings
-def model_ceiling(plan, device: str, shard_paths: list[Path], max_rows: int, seconds: float) -> dict:
+class ModelCeiling:
     """Encoder on pre-decoded chunks in a plain loop; on CPU the best of 1 thread and all cores."""
-    import torch
 
-    from clipsift.pipeline.decode import decode_chunk, read_chunks
-    from clipsift.pipeline.encoders import Encoder
+    def __init__(self, plan, device: str, shard_paths: list[Path], max_rows: int):
+        import torch
 
-    chunks, rows = [], 0
-    for path in shard_paths:
-        for raw in read_chunks(str(path), 0, plan.batch_size):
+        from clipsift.pipeline.decode import decode_chunk, read_chunks
+        from clipsift.pipeline.encoders import Encoder
+
+        self.chunks, self.rows = [], 0
+        for raw in (t for path in shard_paths for t in read_chunks(str(path), 0, plan.batch_size)):
             c = decode_chunk(raw, plan).to_pylist()[0]
             n = len(c["uid"])
             if n:
-                chunks.append(({p.key: np.frombuffer(c[p.key], np.uint8).reshape(n, *p.shape) for p in plan.images},
-                               {t.key: np.frombuffer(c[t.key], np.int32).reshape(n, t.context_length) for t in plan.texts}))
-                rows += n
-            if rows >= max_rows:
+                self.chunks.append(
+                    ({p.key: np.frombuffer(c[p.key], np.uint8).reshape(n, *p.shape) for p in plan.images},
+                     {t.key: np.frombuffer(c[t.key], np.int32).reshape(n, t.context_length) for t in plan.texts}))
+                self.rows += n
+            if self.rows >= max_rows:
                 break
-        if rows >= max_rows:
-            break
-    threads = [1, os.cpu_count()] if device == "cpu" else [torch.get_num_threads()]
-    result = {"rows_per_pass": rows, "by_threads": {}}
-    before = torch.get_num_threads()
-    for th in dict.fromkeys(threads):
-        torch.set_num_threads(th)
-        enc = Encoder(plan, device)
-        enc.encode(*chunks[0])  # warm-up (kernels, allocator)
-        done, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds or done == 0:
-            for images, tokens in chunks:
-                enc.encode(images, tokens)  # returns host arrays: synchronised
-                done += len(next(iter(tokens.values())))
-        result["by_threads"][th] = done / (time.perf_counter() - t0)
-        del enc
-    torch.set_num_threads(before)
-    result["rows_per_s"] = max(result["by_threads"].values())
-    return result
+        self.threads = list(dict.fromkeys([1, os.cpu_count()])) if device == "cpu" else [torch.get_num_threads()]
+        self.encoder = Encoder(plan, device)
+        self.encoder.encode(*self.chunks[0])  # warm-up (kernels, allocator)
+
+    def measure(self, seconds: float) -> dict:
+        import torch
+
+        before, by_threads = torch.get_num_threads(), {}
+        for th in self.threads:
+            torch.set_num_threads(th)
+            done, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds or done == 0:
+                for images, tokens in self.chunks:
+                    self.encoder.encode(images, tokens)  # returns host arrays: synchronised
+                    done += len(next(iter(tokens.values())))
+            by_threads[th] = done / (time.perf_counter() - t0)
+        torch.set_num_threads(before)
+        return {"rows_per_s": max(by_threads.values()), "by_threads": by_threads, "rows_per_pass": self.rows}
 
 
 _RAW: list = []  # raw chunk rows, read before the pool forks, so workers get them without a pipe
@@ -163,46 +166,49 @@ def _decode_count(args) -> int:
     return len(decode_chunk(_RAW[index], plan).column("uid")[0])
 
 
-def decode_ceiling(plan, shard_paths: list[Path], workers: int) -> dict:
+class DecodeCeiling:
     """decode_chunk over every chunk of the shards in a pool of `workers` forked processes.
 
     The tars are read into memory first (not timed: reading is not decoding, and the pipeline's
     read tasks are cheap); only chunk indices cross the pipe, so the figure is decode work alone.
+    The pool forks here, before this process starts CUDA or Ray, and idles while the pipeline runs.
     """
-    from clipsift.pipeline.decode import read_chunks
 
-    _RAW[:] = [t for path in shard_paths for t in read_chunks(str(path), 0, plan.batch_size)]
-    with mp.get_context("fork").Pool(workers) as pool:  # fork: before any CUDA use in this process
-        pool.map(_warm, [plan] * workers, chunksize=1)  # imports, transforms, tokenizers: not timed
+    def __init__(self, plan, shard_paths: list[Path], workers: int):
+        from clipsift.pipeline.decode import read_chunks
+
+        _RAW[:] = [t for path in shard_paths for t in read_chunks(str(path), 0, plan.batch_size)]
+        self.plan, self.workers = plan, workers
+        self.pool = mp.get_context("fork").Pool(workers)
+        self.pool.map(_warm, [plan] * workers, chunksize=1)  # imports, transforms, tokenizers: not timed
+
+    def measure(self) -> dict:
         t0 = time.perf_counter()
-        rows = sum(pool.imap_unordered(_decode_count, [(i, plan) for i in range(len(_RAW))], chunksize=1))
+        rows = sum(self.pool.imap_unordered(_decode_count, [(i, self.plan) for i in range(len(_RAW))], chunksize=1))
         wall = time.perf_counter() - t0
-    _RAW.clear()
-    return {"rows": rows, "seconds": wall, "rows_per_s": rows / wall, "workers": workers}
+        return {"rows": rows, "seconds": wall, "rows_per_s": rows / wall, "workers": self.workers}
+
+    def close(self) -> None:
+        self.pool.close()
+        self.pool.join()
+        _RAW.clear()
 
 
 # ---------------------------------------------------------------- pipeline
-def pipeline_runs(cfg_args: dict, repeats: int, warmup: bool, tmp: Path) -> list[dict]:
-    """Fresh output folder per run. The warm-up run (not reported) leaves Ray's worker processes
-    started and their imports done, as they are in a long job after its first seconds."""
+def pipeline_run(cfg_args: dict, out: Path, label: str) -> dict:
+    """One run_embed into a fresh folder."""
     from clipsift.pipeline.config import EmbedConfig
     from clipsift.pipeline.embed import run_embed
 
-    runs = []
-    for r in range(-1 if warmup else 0, repeats):
-        out = tmp / f"embed{r}"
-        stats = run_embed(EmbedConfig(**cfg_args, out=str(out)), echo=lambda *a: None)
-        run = stats["run"]
-        label = "warm-up" if r < 0 else f"repeat {r}"
-        print(f"  pipeline {label}: {run['rows_written']} rows in {run['wall_s']:.1f} s = {run['rows_per_s']:.0f} rows/s, "
-              f"{run['steady_rows_per_s']} rows/s after the first shard  (stage sums {stats['shard_timings_s']})",
-              flush=True)
-        if r >= 0:
-            runs.append({"rows": run["rows_written"], "wall_s": run["wall_s"], "rows_per_s": run["rows_per_s"],
-                         "steady_rows_per_s": run["steady_rows_per_s"], "timeline": run["timeline"],
-                         "stage_seconds": stats["shard_timings_s"], "out": str(out),
-                         "ray_stats": (out / "ray_stats.txt").read_text()})
-    return runs
+    stats = run_embed(EmbedConfig(**cfg_args, out=str(out)), echo=lambda *a: None)
+    run = stats["run"]
+    print(f"  pipeline {label}: {run['rows_written']} rows in {run['wall_s']:.1f} s = {run['rows_per_s']:.0f} rows/s, "
+          f"{run['steady_rows_per_s']} rows/s after the first shard  (stage sums {stats['shard_timings_s']})",
+          flush=True)
+    return {"rows": run["rows_written"], "wall_s": run["wall_s"], "rows_per_s": run["rows_per_s"],
+            "steady_rows_per_s": run["steady_rows_per_s"], "timeline": run["timeline"],
+            "stage_seconds": stats["shard_timings_s"], "out": str(out),
+            "ray_stats": (out / "ray_stats.txt").read_text()}
 
 
 def metadata_runs(src: Path, heads, repeats: int, tmp: Path) -> list[dict]:
@@ -269,30 +275,42 @@ def main() -> None:
     print(f"{len(shard_paths)} shards in {shards_dir}; models {names}; device {device} ({precision}); {cpus} CPUs",
           flush=True)
 
-    b = decode_ceiling(plan, shard_paths, cpus)  # first: its pool forks, which must happen before CUDA starts
-    print(f"(b) decode ceiling: {b['rows_per_s']:.0f} rows/s  ({b['rows']} rows, {cpus} processes)", flush=True)
-    a = model_ceiling(plan, device, shard_paths, args.ceiling_rows, args.ceiling_seconds)
-    print(f"(a) model ceiling: {a['rows_per_s']:.0f} rows/s  (by torch threads: "
-          f"{ {k: round(v) for k, v in a['by_threads'].items()} })", flush=True)
-
+    decode = DecodeCeiling(plan, shard_paths, cpus)  # forks first: before CUDA and Ray start here
+    model = ModelCeiling(plan, device, shard_paths, args.ceiling_rows)
+    Path("runs/bench").mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    object_store = ray.cluster_resources().get("object_store_memory", 0)
+    repeats = []
     try:
-        Path("runs/bench").mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir="runs/bench") as tmp:
             cfg_args = dict(input=str(shards_dir), models=models, heads=heads, allow_random_weights=True,
                             batch_size=args.batch_size, device=args.device, precision=precision, progress=False,
                             ray=RayConfig(model_threads=args.model_threads))
-            object_store = ray.cluster_resources().get("object_store_memory", 0)
-            runs = pipeline_runs(cfg_args, args.repeats, args.warmup, Path(tmp))
-            meta = metadata_runs(Path(runs[0]["out"]) / "metadata", heads, args.repeats, Path(tmp))
+            if args.warmup:  # leaves Ray's workers started with their imports done, as in a long job
+                pipeline_run(cfg_args, Path(tmp) / "warmup", "warm-up")
+            for r in range(args.repeats):  # the ceilings beside each run: other jobs on the machine come and go
+                b = decode.measure()
+                a = model.measure(args.ceiling_seconds)
+                c = pipeline_run(cfg_args, Path(tmp) / f"embed{r}", f"repeat {r}")
+                lower = min(a["rows_per_s"], b["rows_per_s"])
+                c.update(model_ceiling=a, decode_ceiling=b, vs_lower_ceiling=c["rows_per_s"] / lower,
+                         steady_vs_lower_ceiling=c["steady_rows_per_s"] / lower if c["steady_rows_per_s"] else None)
+                print(f"    ceilings: model {a['rows_per_s']:.0f} rows/s (by torch threads "
+                      f"{ {k: round(v) for k, v in a['by_threads'].items()} }), decode {b['rows_per_s']:.0f} rows/s; "
+                      f"pipeline / lower = {c['vs_lower_ceiling']:.2f}", flush=True)
+                repeats.append(c)
+            meta = metadata_runs(Path(repeats[0]["out"]) / "metadata", heads, args.repeats, Path(tmp))
     finally:
         ray.shutdown()
+        decode.close()
 
-    pipe = statistics.median(r["rows_per_s"] for r in runs)
-    steady = [r["steady_rows_per_s"] for r in runs if r["steady_rows_per_s"]]
-    steady = statistics.median(steady) if steady else None
+    a_med = statistics.median(r["model_ceiling"]["rows_per_s"] for r in repeats)
+    b_med = statistics.median(r["decode_ceiling"]["rows_per_s"] for r in repeats)
+    pipe = statistics.median(r["rows_per_s"] for r in repeats)
+    ratio = statistics.median(r["vs_lower_ceiling"] for r in repeats)
+    steady = [r["steady_vs_lower_ceiling"] for r in repeats if r["steady_vs_lower_ceiling"]]
+    steady_ratio = statistics.median(steady) if steady else None
     meta_rate = statistics.median(r["rows_per_s"] for r in meta)
-    lower = min(a["rows_per_s"], b["rows_per_s"])
     goal = 0.8 if device == "cuda" else 0.5
     key = f"{device}-{args.models}-{data_name}"
     result = {
@@ -303,20 +321,20 @@ def main() -> None:
                     "ray_object_store_gib": round(object_store / 2**30, 1),
                     "dev_shm_gib": round(shutil.disk_usage("/dev/shm").total / 2**30, 1) if os.path.isdir("/dev/shm") else None},
         "setup": {"shards": len(shard_paths), "models": names, "precision": precision, "batch_size": args.batch_size,
-                  "model_threads": args.model_threads or "default", "repeats": args.repeats},
-        "model_ceiling": a, "decode_ceiling": b,
-        "pipeline": {"runs": [{k: v for k, v in r.items() if k != "out"} for r in runs], "median_rows_per_s": pipe,
-                     "median_steady_rows_per_s": steady, "warmup_run": args.warmup},
+                  "model_threads": args.model_threads or "default", "repeats": args.repeats, "warmup_run": args.warmup},
+        "pipeline": {"repeats": [{k: v for k, v in r.items() if k != "out"} for r in repeats],
+                     "median_rows_per_s": pipe},
+        "median_model_ceiling_rows_per_s": a_med, "median_decode_ceiling_rows_per_s": b_med,
         "metadata_mode": {"runs": meta, "median_rows_per_s": meta_rate},
-        "ratios": {"pipeline_vs_lower_ceiling": pipe / lower, "pipeline_vs_model_ceiling": pipe / a["rows_per_s"],
-                   "pipeline_vs_decode_ceiling": pipe / b["rows_per_s"],
-                   "steady_pipeline_vs_lower_ceiling": steady / lower if steady else None,
-                   "lower_ceiling": "model" if a["rows_per_s"] <= b["rows_per_s"] else "decode", "goal": goal},
+        "ratios": {"pipeline_vs_lower_ceiling": ratio, "steady_pipeline_vs_lower_ceiling": steady_ratio,
+                   "lower_ceiling": "model" if a_med <= b_med else "decode", "goal": goal,
+                   "note": "medians of per-repeat ratios; each repeat's ceilings are measured just before it"},
     }
-    print(f"(c) pipeline: median {pipe:.0f} rows/s = {pipe / lower:.2f} of the lower ceiling "
-          f"({result['ratios']['lower_ceiling']}, {lower:.0f} rows/s); goal >= {goal}")
-    if steady:
-        print(f"    after the first shard: median {steady:.0f} rows/s = {steady / lower:.2f} of the lower ceiling")
+    print(f"(a) model ceiling: median {a_med:.0f} rows/s    (b) decode ceiling: median {b_med:.0f} rows/s")
+    print(f"(c) pipeline: median {pipe:.0f} rows/s; median ratio to the lower ceiling {ratio:.2f} "
+          f"({result['ratios']['lower_ceiling']}); goal >= {goal}")
+    if steady_ratio:
+        print(f"    after each run's first shard: median ratio {steady_ratio:.2f}")
     print(f"(d) metadata mode: median {meta_rate:.0f} rows/s")
     out = Path(args.out)
     merged = json.loads(out.read_text()) if out.is_file() else {}
