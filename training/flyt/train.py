@@ -136,14 +136,15 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
     if cfg.batch_size % comm.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {comm.world_size} ranks")
 
-    # Reference model (eval mode: BatchNorm statistics frozen, see hypergrad.py), scorer, ρ.
+    # Scorer and its features (first: a wrong column or embedding name fails fast), reference model
+    # (eval mode: BatchNorm statistics frozen, see hypergrad.py), ρ.
+    torch.manual_seed(cfg.seed)
+    with timer("load_features"):
+        setup = setup_scorer(cfg)
     with timer("load_models"):
         ref = load_model(cfg.reference.arch, cfg.reference.pretrained, device)
     model = ref.model.eval()
     fmodel = FunctionalCLIP(model)
-    torch.manual_seed(cfg.seed)
-    with timer("load_features"):
-        setup = setup_scorer(cfg)
     scorer = setup.scorer.to(device)
     rho = torch.nn.Parameter(torch.tensor(cfg.downstream.rho_init, device=device))
     decay = [p for p in scorer.parameters() if p.ndim >= 2]
