@@ -43,9 +43,11 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
     threads: int | None = None  # torch CPU threads per process (None: cores / local processes; 1 on a busy machine)
-    # Batch norm over the global batch (GlobalBatchNorm2d, same formula for 1 or N processes);
-    # false: torch's BatchNorm2d, per rank under DDP (open_clip without --use-bn-sync).
-    sync_bn: bool = True
+    # ResNet towers' batch norm. global: statistics over the global batch by one explicit formula
+    # for 1 or N processes (GlobalBatchNorm2d: N ranks match one process; ~25% slower on CPU).
+    # local: torch's BatchNorm2d, per-rank statistics under DDP (open_clip without --use-bn-sync).
+    # auto: global under DDP, torch's fused kernel in one process.
+    batch_norm: Literal["auto", "global", "local"] = "auto"
     checkpoint_every: int = 100  # steps between atomic checkpoints (and always at the end)
     resume: str | None = None  # "latest" (<out>/checkpoints/epoch_latest.pt) or a checkpoint path
     stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps: a planned interruption

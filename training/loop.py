@@ -45,7 +45,8 @@ class Stepper:
     def __init__(self, cfg: TrainConfig, device: torch.device, rank: int = 0, world_size: int = 1):
         torch.manual_seed(cfg.seed)
         self.model = model = create_model(cfg.model, device)
-        if cfg.sync_bn:
+        global_bn = cfg.batch_norm == "global" or (cfg.batch_norm == "auto" and world_size > 1)
+        if global_bn:
             use_global_batchnorm(model)
         self.device, self.grad_clip_norm = device, cfg.grad_clip_norm
         self.mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=device)
@@ -59,7 +60,7 @@ class Stepper:
         self.forward = model
         if world_size > 1:
             self.forward = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device] if cuda else None, broadcast_buffers=not cfg.sync_bn)
+                model, device_ids=[device] if cuda else None, broadcast_buffers=not global_bn)
         model.train()
 
     def step(self, images: torch.Tensor, tokens: torch.Tensor, lr: float) -> torch.Tensor:
