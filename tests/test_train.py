@@ -263,3 +263,45 @@ def test_bad_config_fails_before_training_with_a_clear_error(few, tmp_path, over
     with pytest.raises(error, match=match):
         train(make_cfg(tmp_path / "run", *few_data(few), override))
     assert not checkpoint.latest_path(tmp_path / "run").exists()
+
+
+def test_reference_models_are_trained_once_then_reused(ci_world, few, tmp_path, capsys):
+    world = tmp_path / "world"  # a private view of the ci world: models/ is written next to curated/
+    world.mkdir()
+    (world / "curated").symlink_to(ci_world / "curated")
+    shutil.copy(ci_world / "world.yaml", world / "world.yaml")
+    quick = ["threads=1", "samples_seen=64", "batch_size=32", "warmup=1", f"data.subset={few['subset']}"]
+    models = ensure_reference_models(world, quick)
+    assert [(m.name, m.arch) for m in models] == [("b32", "world-rn-s"), ("l14", "world-rn-l")]
+    for m in models:
+        assert m.checkpoint == world / "models" / m.name / "checkpoints" / "epoch_latest.pt"
+        model, _, _ = open_clip.create_model_and_transforms(m.arch, pretrained=str(m.checkpoint))
+        assert read_json(m.checkpoint.parent.parent / "stats.json")["done"]
+    stamps = [m.checkpoint.stat().st_mtime_ns for m in models]
+    # Same config: reused, through the CLI too.
+    assert cli.main(["train", "--reference-models", str(world), *quick]) == 0
+    assert json.loads(capsys.readouterr().out)["l14"]["arch"] == "world-rn-l"
+    assert [m.checkpoint.stat().st_mtime_ns for m in models] == stamps
+    # Another budget: retrained.
+    again = ensure_reference_models(world, [*quick, "samples_seen=96"])
+    assert checkpoint.load(again[0].checkpoint)["step"] == 3
+
+
+def test_decoding_matches_open_clips_eval_preprocessing():
+    """Training sees what eval sees: resize shortest side + centre crop, within one grey level."""
+    from clipsift.training.data import decode_image
+
+    _, _, preprocess = open_clip.create_model_and_transforms("world-rn-s")
+    rng = np.random.default_rng(0)
+    pixels = (np.linspace(0, 255, 48 * 40 * 3).reshape(40, 48, 3) + rng.normal(0, 20, (40, 48, 3))).clip(0, 255)
+    for fmt in ("JPEG", "PNG", "BMP"):  # BMP: torchvision cannot decode it, PIL does
+        buf = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buf, fmt)
+        ours = decode_image(buf.getvalue(), 32).astype(np.float32) / 255
+        norm = preprocess.transforms[-1]
+        theirs = preprocess(Image.open(io.BytesIO(buf.getvalue()))).numpy() * np.array(norm.std)[:, None, None] \
+            + np.array(norm.mean)[:, None, None]
+        assert ours.shape == (3, 32, 32)
+        np.testing.assert_allclose(ours, theirs, atol=1.01 / 255)
+    with pytest.raises(Exception):
+        decode_image(buf.getvalue()[:60], 32)

@@ -90,14 +90,18 @@ class SubsetWeights:
 # ---------------------------------------------------------------- decoding
 def _torchvision_decoder():
     """torchvision's C++ image decoder, or None where a release no longer ships it (deprecated
-    since 0.29 in favour of torchcodec): then PIL does all the decoding."""
+    since 0.29 in favour of torchcodec, with a warning on every call): then PIL decodes all."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torchvision.io import ImageReadMode, decode_image
+        from torchvision.io import ImageReadMode, decode_image
     except ImportError:
         return None
-    return lambda data: decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+    def decode(data: bytes) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+    return decode
 
 
 _TV_DECODE = _torchvision_decoder()
