@@ -121,6 +121,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         _, val_tp = get_args(tp) or (str, Any)
         return {str(k): _coerce(val_tp, v, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "4e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

@@ -37,6 +37,7 @@ def test_yaml_plus_overrides_into_typed_dataclass(tmp_path):
     config.dump(cfg, tmp_path / "resolved.yaml")
     assert config.load(Outer, tmp_path / "resolved.yaml") == cfg
     assert isinstance(config.load(Outer, None, ["inner.lr=1"]).inner.lr, float)  # ints widen to floats
+    assert config.load(Outer, None, ["inner.lr=4e-3"]).inner.lr == 0.004  # YAML 1.1 reads this as a string
 
 
 @pytest.mark.parametrize("override, message", [
