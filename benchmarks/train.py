@@ -35,7 +35,7 @@ from clipsift import config  # noqa: E402
 from clipsift.runlog import read_json, write_json  # noqa: E402
 from clipsift.training import TrainConfig, train  # noqa: E402
 from clipsift.training.data import tokenizer  # noqa: E402
-from clipsift.training.loop import Stepper, _device, cosine_lr, default_threads  # noqa: E402
+from clipsift.training.loop import Stepper, resolve_device, cosine_lr, default_threads  # noqa: E402
 from clipsift.training.models import image_size  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
@@ -43,7 +43,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 
 def ceiling(cfg: TrainConfig, steps: int, warmup_steps: int = 5) -> float:
     """Samples/s of the step alone: one resident batch, no data pipeline at all."""
-    device = _device(cfg.device, 0)
+    device = resolve_device(cfg.device, 0)
     stepper = Stepper(cfg, device)
     size = image_size(stepper.model)
     g = torch.Generator().manual_seed(0)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ceil = med([x["steady"] for x in runs["ceiling"]])
     result = {
         "world": str(world), "preset": args.preset, "model": probe.model, "batch_size": probe.batch_size,
-        "steps_per_run": args.steps, "repeats": args.repeats, "device": str(_device(probe.device, 0)),
+        "steps_per_run": args.steps, "repeats": args.repeats, "device": str(resolve_device(probe.device, 0)),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
         "platform": platform.platform(), "torch": torch.__version__,
         "ceiling_samples_per_s": round(ceil, 1),

@@ -86,8 +86,8 @@ class Stepper:
 def train(cfg: TrainConfig) -> Path:
     """Train to cfg.samples_seen (or stop_after_steps) and return the run directory."""
     run = Path(cfg.out)
-    rank, world_size, local_rank = _init_distributed(cfg.device)
-    device = _device(cfg.device, local_rank)
+    rank, world_size, local_rank = init_distributed(cfg.device)
+    device = resolve_device(cfg.device, local_rank)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or default_threads())
     handler = _log_to(run / "train.log") if rank == 0 else None
@@ -262,7 +262,7 @@ def default_threads() -> int:
     return 1 if busy else share
 
 
-def _init_distributed(device: str) -> tuple[int, int, int]:
+def init_distributed(device: str) -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; a process group when > 1 process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -275,7 +275,7 @@ def _init_distributed(device: str) -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
-def _device(device: str, local_rank: int) -> torch.device:
+def resolve_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device == "cuda":

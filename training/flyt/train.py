@@ -30,7 +30,9 @@ import torch.distributed as dist
 
 from clipsift import config, formats
 from clipsift.runlog import Timer, atomic_path, write_json
+from clipsift.training.config import flat_config
 from clipsift.training.data import normalize
+from clipsift.training.loop import init_distributed, resolve_device
 from clipsift.training.flyt import data as fdata
 from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, decayed_names
 from clipsift.training.flyt.config import RESUME_FREE_KEYS, FlytConfig, LoopConfig, MFlytConfig
@@ -57,8 +59,8 @@ class ScorerSetup:
 def run(cfg: LoopConfig) -> Path:
     """Train the scorer of cfg (FlytConfig or MFlytConfig), then score the pool. Returns the run dir."""
     _fill_from_world(cfg)
-    rank, world_size, local_rank = _init_distributed(cfg.device)
-    device = _device(cfg.device, local_rank)
+    rank, world_size, local_rank = init_distributed(cfg.device)
+    device = resolve_device(cfg.device, local_rank)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     run_dir = Path(cfg.out)
@@ -378,7 +380,7 @@ def _resume_state(cfg: LoopConfig, run_dir: Path, resolved: dict[str, Any]) -> d
     elif not path.is_file():
         return None
     state = checkpoint.load(path)
-    a, b = _flat(state["config"]), _flat(resolved)
+    a, b = flat_config(state["config"]), flat_config(resolved)
     differ = sorted(k for k in set(a) | set(b) if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k))
     if differ:
         raise ValueError(f"resume: {path} was trained with a different config "
@@ -386,32 +388,10 @@ def _resume_state(cfg: LoopConfig, run_dir: Path, resolved: dict[str, Any]) -> d
     return state
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
-def _init_distributed(device: str) -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; a process group when > 1 process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size > 1 and not dist.is_initialized():
-        use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return (dist.get_rank() if world_size > 1 else 0), world_size, local_rank
 
 
-def _device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(f"cuda:{local_rank}") if device == "cuda" else torch.device(device)
 
 
 def _log_to(path: Path) -> logging.Handler:
