@@ -18,7 +18,7 @@ from clipsift import shards
 from clipsift.eval.tasks import load_tasks
 from clipsift.training.data import decode_image, normalize, tokenizer
 from clipsift.training.flyt import data as fdata
-from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, adamw_step, decayed_names
+from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, adamw_step, adamw_step_with_jacobian, decayed_names
 from clipsift.training.flyt.hypergrad import (FunctionalCLIP, brute_force_objective, hypergradient_step,
                                               scorer_backward)
 from clipsift.training.flyt.losses import clip_loss, weighted_clip_loss, zeroshot_loss
@@ -93,6 +93,19 @@ def test_functional_adamw_matches_torch_adamw_over_several_steps():
     new, _, _ = adamw_step(params, g, AdamWState.zeros_like(params), hp, decay)
     (dg,) = torch.autograd.grad(new["w"].sum(), [g["w"]])
     assert torch.isfinite(dg).all()
+    # The closed-form (diagonal) Jacobian in g is autograd's, with history, at g = 0 and fresh state too.
+    for st in (state, AdamWState.zeros_like(params)):
+        g = {k: torch.randn_like(v) for k, v in params.items()}
+        g["emb"][1] = 0.0
+        fast, fast_m, _, jac = adamw_step_with_jacobian(params, g, st, hp, decay)
+        plain, plain_m, _ = adamw_step(params, g, st, hp, decay)
+        for k in params:
+            torch.testing.assert_close(fast[k], plain[k], rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(fast_m[k], plain_m[k], rtol=1e-12, atol=1e-15)
+            leaf = g[k].clone().requires_grad_(True)
+            new, _, _ = adamw_step(params, {**g, k: leaf}, st, hp, decay)
+            (diag,) = torch.autograd.grad(new[k].sum(), [leaf])  # the update is element-wise
+            torch.testing.assert_close(jac[k], diag, rtol=1e-12, atol=1e-16)
 
 
 # ---------------------------------------------------------------- the hypergradient

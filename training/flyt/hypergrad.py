@@ -6,8 +6,9 @@ Objective (flyt.md): J(φ) = L_down(θ'), θ' = AdamW(θ, g(w)), g(w) = ∇θ L_
 By the chain rule dJ/dw = (∂θ'/∂g · ∂g/∂w)ᵀ ∇θ' L_down, computed in three passes:
 
   1. g = ∇θ L_up(θ; w), detached (one forward + backward of the reference model).
-  2. v = ∂ L_down(AdamW(θ, g)) / ∂g — autograd through the (element-wise) AdamW update and one
-     forward + backward on the downstream batch. Also gives ∂J/∂ρ of the downstream head.
+  2. v = ∂ L_down(AdamW(θ, g)) / ∂g — one forward + backward on the downstream batch at θ', times
+     the AdamW update's Jacobian in g, which is diagonal (the update is element-wise) and taken in
+     closed form. Also gives ∂J/∂ρ of the downstream head.
   3. d = dJ/dw = ∂/∂w ⟨∇θ L_up(θ; w), v⟩. L_up depends on θ only through the batch embeddings
      E = (u, t, τ) = f_θ(x), so ⟨∇θ L_up, v⟩ = ⟨∇_E L_up(E; w), Ė⟩ with Ė = J_θ f · v, the JVP of
      the embeddings along v (one forward-mode pass through the model). What is left is a mixed
@@ -38,7 +39,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, Params, adamw_step
+from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, Params, adamw_step, adamw_step_with_jacobian
 from clipsift.training.flyt.losses import weighted_clip_loss
 
 Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (images [B,D], texts [B,D], τ scalar)
@@ -189,19 +190,21 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
     with phase("up_grad"):
         g, up = upstream_gradient(fmodel, params, images, tokens, w, comm, amp)
 
-    # 2. v = ∂ L_down(AdamW(θ, g)) / ∂g (averaged over ranks), and ∂J/∂ρ.
+    # 2. v = ∂ L_down(AdamW(θ, g)) / ∂g (averaged over ranks), and ∂J/∂ρ. The update is element-wise,
+    #    so v = ∇θ' L_down ⊙ ∂θ'/∂g with the diagonal Jacobian in closed form (adamw_step_with_jacobian;
+    #    the same as autograd through adamw_step, which the tests check, without its graph).
     with phase("down_grad"):
-        g_leaf = {k: x.detach().requires_grad_(True) for k, x in zip(names, g)}
-        new_params, exp_avg, exp_avg_sq = adamw_step(params, g_leaf, state, hp, decay)
-        if project is not None:
-            new_params = project(new_params)
+        new_params, exp_avg, exp_avg_sq, jac = adamw_step_with_jacobian(params, dict(zip(names, g)), state, hp, decay)
+        leaves_theta = {k: x.requires_grad_(True) for k, x in new_params.items()}
         with amp():
-            down = down_loss(new_params)
-        leaves = list(g_leaf.values()) + list(down_params)
+            down = down_loss(project(leaves_theta) if project is not None else leaves_theta)
+        leaves = list(leaves_theta.values()) + list(down_params)
         grads = torch.autograd.grad(_full(down), leaves, allow_unused=True)
         grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, leaves)]
         comm.mean_(grads)
-        v = dict(zip(names, grads[: len(names)]))
+        v = {k: gr.mul_(jac[k]) for k, gr in zip(names, grads[: len(names)])}
+        if project is not None:
+            new_params = project(new_params)
 
     # 3. Ė = J_θ f · v (forward mode; the math SDPA kernel is the one with forward-mode AD), then
     #    d = ∂/∂w ⟨∇_E L_up(E; w), Ė⟩ at embedding level.
