@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from clipsift import config, formats
 from clipsift.runlog import Timer, atomic_path, write_json
 from clipsift.training.config import flat_config
 from clipsift.training.data import normalize
-from clipsift.training.loop import init_distributed, resolve_device
+from clipsift.training.loop import default_threads, init_distributed, resolve_device
 from clipsift.training.flyt import data as fdata
 from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, decayed_names
 from clipsift.training.flyt.config import RESUME_FREE_KEYS, FlytConfig, LoopConfig, MFlytConfig
@@ -62,7 +61,7 @@ def run(cfg: LoopConfig) -> Path:
     rank, world_size, local_rank = init_distributed(cfg.device)
     device = resolve_device(cfg.device, local_rank)
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    torch.set_num_threads(cfg.threads or default_threads())
     run_dir = Path(cfg.out)
     handler = _log_to(run_dir / "train.log") if rank == 0 else None
     try:
@@ -386,12 +385,6 @@ def _resume_state(cfg: LoopConfig, run_dir: Path, resolved: dict[str, Any]) -> d
         raise ValueError(f"resume: {path} was trained with a different config "
                          f"({', '.join(f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in differ[:5])})")
     return state
-
-
-
-
-
-
 
 
 def _log_to(path: Path) -> logging.Handler:
