@@ -78,7 +78,8 @@ class ScorerConfig:
     # random: PyTorch's default init; uniform: output layer zeroed, so every example starts with the same
     # score (uniform weights, nothing ranked by chance); clip_score: start as init_scale * cosine(img, txt)
     init: Literal["random", "uniform", "clip_score"] = "random"
-    init_scale: float = 10.0
+    init_scale: float = 10.0  # clip_score init: keep init_scale x (spread of the pool's cosines) a few units,
+    # or the softmax over a batch starts on a handful of examples
     lr: float = 1e-3
     wd: float = 0.2  # on >= 2-D weights only
 

@@ -6,6 +6,9 @@ A scorer is rebuilt from a small spec dict (saved in checkpoints), so scoring ne
     GLUScorer   Ψ = [û; t̂] (normalised image and text embeddings of a frozen CLIP), blocks
                 y = W2( SiLU(W1 x + b1) ⊙ (W3 x + b3) ) + b2; `depth` blocks of width `hidden`,
                 the last one with one output. Optional start as (≈) scale · cos(û, t̂).
+                The CLIP body stays frozen: Ψ is read from the pipeline's stored embeddings, so
+                training needs no image decoding for the scorer. Fine-tuning the body (an option
+                in the paper) is not implemented.
     LinearMixer Ψ = scores other methods gave the example; s = Σ_k a_k z_k + b with z the scores
                 standardised by the pool mean/std kept in the module (missing values -> 0).
 """
