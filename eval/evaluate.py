@@ -248,6 +248,8 @@ def embed_task_images(model: ModelSpec, tasks: str | Path, split: str = "train",
     with torch.no_grad(), deterministic(dev):
         for task in select(load_tasks(tasks), only or []):
             task = Task(task.name, task.path, task.type, task.main_metric, task.group, split=split)
-            emb, _, _, _ = encode_images(loaded, task.shards(), task, dev, _autocast(dev, precision), batch_size, 0)
+            n_classes = len(task.classnames()) if task.type == "classification" else None
+            emb, _, _, _ = encode_images(loaded, task.shards(), task, dev, _autocast(dev, precision), batch_size, 0,
+                                         n_classes)
             chunks.append(emb)
     return np.concatenate(chunks).astype(np.float32)

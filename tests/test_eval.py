@@ -418,3 +418,15 @@ def test_evaluate_on_the_world_tasks(ci_world, tmp_path):
         assert stats["tasks"][t.name]["counts"] == {"seen": n_samples, "kept": n_samples, "dropped": {}}
     assert summary["average"] == pytest.approx(np.mean([t["value"] for t in summary["tasks"]]))
     assert set(summary["groups"]) == {t.group for t in tasks}
+
+
+def test_embed_task_images_gives_one_unit_vector_per_train_image(ci_world):
+    """The downstream training images that image_based filtering and NormSim compare the pool with."""
+    from clipsift.eval.evaluate import embed_task_images
+    from clipsift.eval.models import ModelSpec
+
+    emb = embed_task_images(ModelSpec("world-rn-s", ""), ci_world / "tasks.yaml", only=["shapes", "retrieval"],
+                            device="cpu")
+    stats = json.loads((ci_world / "stats.json").read_text())["tasks"]
+    assert emb.shape == (stats["shapes"]["train"] + stats["retrieval"]["train"], 128)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
