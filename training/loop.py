@@ -90,7 +90,7 @@ def train(cfg: TrainConfig) -> Path:
     device = resolve_device(cfg.device, local_rank)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or default_threads())
-    handler = _log_to(run / "train.log") if rank == 0 else None
+    handler = log_to(run / "train.log") if rank == 0 else None
     try:
         return _train(cfg, run, rank, world_size, device)
     finally:
@@ -283,10 +283,11 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
     return torch.device(device)
 
 
-def _log_to(path: Path) -> logging.Handler:
+def log_to(path: Path, logger: logging.Logger = log) -> logging.Handler:
+    """Also write `logger`'s records to the run's log file (the caller removes the handler)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     return handler

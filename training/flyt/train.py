@@ -63,7 +63,7 @@ def run(cfg: LoopConfig) -> Path:
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or default_threads())
     run_dir = Path(cfg.out)
-    handler = _log_to(run_dir / "train.log") if rank == 0 else None
+    handler = log_to(run_dir / "train.log", log) if rank == 0 else None
     try:
         return _run(cfg, run_dir, device)
     finally:
@@ -385,12 +385,3 @@ def _resume_state(cfg: LoopConfig, run_dir: Path, resolved: dict[str, Any]) -> d
         raise ValueError(f"resume: {path} was trained with a different config "
                          f"({', '.join(f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in differ[:5])})")
     return state
-
-
-def _log_to(path: Path) -> logging.Handler:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    return handler
