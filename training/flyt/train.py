@@ -31,7 +31,7 @@ from clipsift import config, formats
 from clipsift.runlog import Timer, atomic_path, write_json
 from clipsift.training.config import flat_config
 from clipsift.training.data import normalize
-from clipsift.training.loop import default_threads, init_distributed, resolve_device
+from clipsift.training.loop import default_threads, init_distributed, log_to, resolve_device
 from clipsift.training.flyt import data as fdata
 from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, decayed_names
 from clipsift.training.flyt.config import RESUME_FREE_KEYS, FlytConfig, LoopConfig, MFlytConfig
