@@ -218,7 +218,8 @@ class Compare:
         subset = self.subset(strategy)
         tcfg = config.load(TrainConfig, config.preset_path("train", self.cfg.scale),
                            [f"out={run / 'train'}", f"seed={seed}", f"data.shards={self.world / 'pool' / 'shards'}",
-                            f"data.subset={subset}", "resume=latest", f"progress={str(self.cfg.progress).lower()}",
+                            f"data.subset={subset}", f"data.decode_cache={self.out / 'decoded'}", "resume=latest",
+                            f"progress={str(self.cfg.progress).lower()}",
                             *self.cfg.scale_overrides])
         t0 = time.perf_counter()
         train(tcfg)

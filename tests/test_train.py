@@ -164,6 +164,36 @@ def test_subset_repeats_set_how_often_each_uid_is_seen(few, tmp_path):
     assert memory.counts.dropped[NOT_IN_SUBSET] == memory.counts.seen - 60
 
 
+def test_decode_cache_gives_what_decoding_gives(ci_world, tmp_path):
+    """The compare's decode cache: a shard decoded once, then selected per subset, with the same
+    samples, pixels, texts, weights and skip counts (planted corrupt records included)."""
+    from clipsift.training.data import decode_shard
+
+    path = find_shards(ci_world / "pool" / "shards")[0]
+    records = [r for r in shards.read_shard(path) if isinstance(r, shards.Sample)]
+    subset_path = tmp_path / "subset.npy"
+    formats.write_subset(subset_path, [r.uid for r in records[::4] for _ in range(2)] + [r.uid for r in records[1::4]])
+    cache = tmp_path / "cache"
+    for subset in (None, SubsetWeights(subset_path), None):
+        plain, cached = decode_shard(path, 32, subset), decode_shard(path, 32, subset, cache)
+        assert cached.uids == plain.uids and cached.texts == plain.texts
+        assert np.array_equal(cached.images, plain.images) and np.array_equal(cached.weights, plain.weights)
+        assert cached.counts == plain.counts and np.array_equal(np.sort(cached.subset_hits), np.sort(plain.subset_hits))
+        assert sum(plain.counts["dropped"].values()) > 0  # the shard's corrupt records are in the test
+    assert [p.name for p in cache.iterdir()] == [f"{path.stem}-32px.npz"]
+    # A shard rewritten in place is decoded again, not served from the stale cache.
+    copy = tmp_path / "shards" / path.name
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    entry = cache / f"{path.stem}-32px.npz"
+    source = lambda: str(np.load(entry)["source"])  # noqa: E731
+    first = decode_shard(copy, 32, None, cache)
+    before = source()
+    assert str(copy.resolve()) in before
+    os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert decode_shard(copy, 32, None, cache).uids == first.uids and source() != before
+
+
 def test_same_seed_same_weights_other_seed_differs(few, tmp_path):
     a = train(make_cfg(tmp_path / "a", *few_data(few), "samples_seen=96"))
     b = train(make_cfg(tmp_path / "b", *few_data(few), "samples_seen=96"))

@@ -21,6 +21,9 @@ class DataConfig:
     memory_limit_gb: float = 4.0
     workers: int = 2  # DataLoader decode processes (0: decode in the training process)
     shuffle_buffer: int = 4096  # stream mode: samples mixed across shards in each worker
+    # memory mode: a folder that keeps each shard decoded (<stem>-<px>px.npz), so runs over the
+    # same shards with other subsets skip decoding (compare sets it; "" = decode every run)
+    decode_cache: str = ""
 
 
 @dataclass

@@ -150,7 +150,12 @@ class DecodedShard:
     subset_hits: np.ndarray  # distinct subset entries found in this shard
 
 
-def decode_shard(path: Path, size: int, subset: SubsetWeights | None) -> DecodedShard:
+def decode_shard(path: Path, size: int, subset: SubsetWeights | None, cache: str | Path | None = None) -> DecodedShard:
+    """The shard's selected samples, decoded. With `cache` (a folder), the shard's records are
+    decoded once into cache/<stem>-<size>px.npz and later calls only select from it: runs over
+    the same shards with different subsets (a compare) decode each shard once."""
+    if cache:
+        return _select(_cached_records(path, size, Path(cache)), subset)
     counts = Counts()
     records = []
     for rec in shards.read_shard(path):
@@ -167,11 +172,9 @@ def decode_shard(path: Path, size: int, subset: SubsetWeights | None) -> Decoded
         if w == 0:
             counts.drop(NOT_IN_SUBSET)
             continue
-        try:
-            image = decode_image(rec.image, size)
-        except Exception as e:  # undecodable bytes of any kind: count it, never crash
+        image = _decode_or_none(rec, size, path)
+        if image is None:
             counts.drop(shards.CORRUPT_IMAGE)
-            log.debug("%s %s: %s: %s", path.name, rec.key, shards.CORRUPT_IMAGE, f"{type(e).__name__}: {e}")
             continue
         counts.keep()
         uids.append(rec.uid)
@@ -186,6 +189,75 @@ def decode_shard(path: Path, size: int, subset: SubsetWeights | None) -> Decoded
         counts=counts.as_dict(),
         subset_hits=hits,
     )
+
+
+def _decode_or_none(rec: shards.Sample, size: int, path: Path) -> np.ndarray | None:
+    try:
+        return decode_image(rec.image, size)
+    except Exception as e:  # undecodable bytes of any kind: the caller counts it, never crash
+        log.debug("%s %s: %s: %s", path.name, rec.key, shards.CORRUPT_IMAGE, f"{type(e).__name__}: {e}")
+        return None
+
+
+@dataclass
+class _ShardRecords:
+    """Every readable record of a shard, decoded (ok=False: the image would not decode)."""
+
+    uids: np.ndarray  # str [n]
+    texts: np.ndarray  # str [n]
+    images: np.ndarray  # uint8 [n, 3, S, S], zeros where not ok
+    ok: np.ndarray  # bool [n]
+    skips: dict[str, int]  # read_shard's skips by reason
+
+
+def _cached_records(path: Path, size: int, cache: Path) -> _ShardRecords:
+    import json
+
+    from clipsift.runlog import atomic_path
+
+    target = cache / f"{path.stem}-{size}px.npz"
+    stat = path.stat()
+    source = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"  # a rewritten shard invalidates it
+    if target.is_file():
+        with np.load(target) as z:
+            if str(z["source"]) == source:
+                return _ShardRecords(z["uids"], z["texts"], z["images"], z["ok"], json.loads(str(z["skips"])))
+    skips, recs = Counts(), []
+    for rec in shards.read_shard(path):
+        if isinstance(rec, shards.Skip):
+            skips.drop(rec.reason)
+        else:
+            recs.append(rec)
+    decoded = [_decode_or_none(r, size, path) for r in recs]
+    images = np.zeros((len(recs), 3, size, size), np.uint8)
+    for i, image in enumerate(decoded):
+        if image is not None:
+            images[i] = image
+    out = _ShardRecords(np.array([r.uid for r in recs], dtype=str), np.array([r.text for r in recs], dtype=str),
+                        images, np.array([d is not None for d in decoded], dtype=bool), skips.as_dict()["dropped"])
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.savez(f, uids=out.uids, texts=out.texts, images=out.images, ok=out.ok, skips=json.dumps(out.skips),
+                 source=source)
+    return out
+
+
+def _select(recs: _ShardRecords, subset: SubsetWeights | None) -> DecodedShard:
+    """decode_shard's selection and accounting, on already-decoded records."""
+    counts = Counts()
+    for reason, n in recs.skips.items():
+        counts.drop(reason, n)
+    if subset is not None:
+        weights, hits = subset.lookup(recs.uids.tolist())
+    else:
+        weights, hits = np.ones(len(recs.uids), np.int64), np.zeros(0, np.int64)
+    chosen = weights > 0
+    keep = chosen & recs.ok
+    for reason, n in ((NOT_IN_SUBSET, int((~chosen).sum())), (shards.CORRUPT_IMAGE, int((chosen & ~recs.ok).sum()))):
+        if n:
+            counts.drop(reason, n)
+    counts.keep(int(keep.sum()))
+    return DecodedShard(uids=recs.uids[keep].tolist(), images=recs.images[keep], texts=recs.texts[keep].tolist(),
+                        weights=weights[keep].astype(np.int64), counts=counts.as_dict(), subset_hits=hits)
 
 
 @dataclass
@@ -206,14 +278,15 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 # ---------------------------------------------------------------- memory mode
 class _ShardDecoder(Dataset):
-    def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None):
-        self.paths, self.size, self.model, self.subset = paths, size, model, subset
+    def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None,
+                 cache: str | None = None):
+        self.paths, self.size, self.model, self.subset, self.cache = paths, size, model, subset, cache
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[DecodedShard, torch.Tensor]:
-        d = decode_shard(self.paths[i], self.size, self.subset)
+        d = decode_shard(self.paths[i], self.size, self.subset, self.cache)
         tokens = tokenizer(self.model)(d.texts) if d.texts else torch.zeros(0, 0, dtype=torch.long)
         return d, tokens.to(torch.int32)
 
@@ -274,14 +347,14 @@ class MemoryData:
 
     def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None,
                  batch_size: int, seed: int, rank: int = 0, world_size: int = 1, workers: int = 0,
-                 progress: bool = False):
+                 progress: bool = False, cache: str | None = None):
         from tqdm import tqdm
 
         self.counts = Counts()
         hits: list[np.ndarray] = []
         uids: list[str] = []
         images, tokens, weights = [], [], []
-        loader = DataLoader(_ShardDecoder(paths, size, model, subset), batch_size=None, num_workers=workers,
+        loader = DataLoader(_ShardDecoder(paths, size, model, subset, cache), batch_size=None, num_workers=workers,
                             collate_fn=lambda x: x)
         for d, tok in tqdm(loader, total=len(paths), desc="decode shards", unit="shard", disable=not progress):
             self.counts.merge(d.counts)
@@ -447,7 +520,8 @@ def open_data(data_cfg, model: str, size: int, context_bytes: int, batch_size: i
     notes = {"shards": len(paths), "shards_without_stats": missing_stats, "subset": data_cfg.subset,
              "subset_entries": subset.total if subset else None}
     if mode == "memory":
-        data = MemoryData(paths, size, model, subset, batch_size, seed, rank, world_size, data_cfg.workers, progress)
+        data = MemoryData(paths, size, model, subset, batch_size, seed, rank, world_size, data_cfg.workers, progress,
+                          data_cfg.decode_cache or None)
         if data.subset_missing:
             log.warning("%d distinct subset uids are not in the shards (not downloaded?)", data.subset_missing)
     else:
