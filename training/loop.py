@@ -53,8 +53,10 @@ class Stepper:
         self.std = torch.tensor(model.visual.preprocess_cfg["std"], device=device)
         cuda = device.type == "cuda"
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        # Fused AdamW on CPU too: one pass over the parameters, ~8x faster than the default on
+        # CPU; with the token table (49408 x width) the optimiser step was ~15% of a tiny step.
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                           eps=cfg.eps, **({"fused": True} if cuda else {}))
+                                           eps=cfg.eps, fused=True)
         self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank,
                                 world_size=world_size)
         self.forward = model
