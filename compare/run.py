@@ -133,6 +133,7 @@ class Compare:
         if not (out / "stats.json").is_file() or not read_json(out / "stats.json").get("scored"):
             cfg = config.load(FlytConfig, config.preset_path("flyt", self.cfg.learned.flyt_preset),
                               [f"world={self.world}", f"metadata={self.metadata}", f"out={out}", "resume=latest",
+                               f"decode_cache={self.out / 'decoded'}",
                                f"progress={str(self.cfg.progress).lower()}", *self.cfg.learned.flyt_overrides])
             cfg.reference.pretrained = str(self.references["b32"].checkpoint)
             run(cfg)
@@ -148,6 +149,7 @@ class Compare:
         if not (out / "stats.json").is_file() or not read_json(out / "stats.json").get("scored"):
             cfg = config.load(MFlytConfig, config.preset_path("mflyt", self.cfg.learned.mflyt_preset),
                               [f"world={self.world}", f"metadata={self.metadata}", f"out={out}", "resume=latest",
+                               f"decode_cache={self.out / 'decoded'}",
                                f"progress={str(self.cfg.progress).lower()}", *self.cfg.learned.mflyt_overrides])
             cfg.mixer.columns = columns
             cfg.mixer.extra_metadata = extra

@@ -57,6 +57,7 @@ class LoopConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
     threads: int | None = None  # torch CPU threads per process (None: cores / local processes)
     workers: int = 0  # DataLoader processes decoding the pool shards at start-up
+    decode_cache: str = ""  # a folder keeping the pool decoded (training DataConfig.decode_cache)
     checkpoint_every: int = 100
     resume: str | None = None  # "latest" or a checkpoint path
     stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps
@@ -109,4 +110,4 @@ class MFlytConfig(LoopConfig):
 
 # Keys that may differ between a run and its resumption (they do not change the result).
 RESUME_FREE_KEYS = frozenset({"out", "resume", "stop_after_steps", "checkpoint_every", "log_every", "progress",
-                              "threads", "device", "workers", "score_pool"})
+                              "threads", "device", "workers", "decode_cache", "score_pool"})

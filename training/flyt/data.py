@@ -106,11 +106,11 @@ class PoolBatches:
     """The decoded pool with a feature row per sample; global batches by (seed, step)."""
 
     def __init__(self, shards: str | Path, model: str, size: int, features: Features,
-                 batch_size: int, seed: int, workers: int = 0, progress: bool = False):
+                 batch_size: int, seed: int, workers: int = 0, progress: bool = False, cache: str = ""):
         from clipsift.training.data import MemoryData, SampleOrder, find_shards
 
         self.data = MemoryData(find_shards(shards), size, model, None, batch_size, seed, workers=workers,
-                               progress=progress)
+                               progress=progress, cache=cache or None)
         rows = features.rows_for(self.data.uids)
         # A sample that decoded but has no features cannot be scored: weight 0, counted.
         self.no_features = missing = int((rows < 0).sum())

@@ -158,7 +158,7 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
                else model.visual.image_size)
     with timer("load_pool"):
         pool = fdata.PoolBatches(cfg.pool, cfg.reference.arch, size, setup.features, cfg.batch_size, cfg.seed,
-                                 workers=cfg.workers, progress=cfg.progress and comm.rank == 0)
+                                 workers=cfg.workers, progress=cfg.progress and comm.rank == 0, cache=cfg.decode_cache)
     with timer("load_tasks"):
         tasks = load_tasks(cfg.downstream.tasks)
         if cfg.downstream.names:
