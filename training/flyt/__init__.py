@@ -21,6 +21,15 @@ pairs lowers the downstream loss more than one on clean pairs (2.083 vs 2.091 fr
 20 such steps raise it to 3.16 (clean: 2.02): a short-horizon bias of the one-step objective at
 this scale. Over nine 60-step ci runs (seeds, learning rates, inits) the learned scores mostly
 rank off-task pairs (AUC vs clean 0.55-0.88) and foreign-language pairs (0.44-0.77) below clean
-ones but not junk (0.21-0.65); one 200-step run reversed the off-task ranking (0.37). At this
-scale the ranking FLYT learns is weak and noisy; the CLIP score, an M-FLYT input, ranks junk at 0.98+.
+ones but not junk (0.21-0.65); one 200-step run reversed the off-task ranking (0.37).
+Session 2 (ci world, 60 steps unless noted; AUC of clean vs each kind): from a uniform start the
+scores rank junk captions below clean in every run (0.54-0.79) but off-task pairs ABOVE clean
+(0.16-0.43, seeds 0-1, 150 steps, batch 128); with a stronger reference (51k samples on the
+curated split) off-task falls to 0.17; with a reference trained on the pool itself it is 0.57
+(junk 0.54). Started as the CLIP score (init=clip_score), training pulls junk from 0.997 to
+0.59 and misaligned from 0.98 to 0.48. Reading: the one-step objective rewards pairs with a high
+upstream loss, which a reference trained only on clean, on-task pairs has not learned, and
+their larger gradients dominate ⟨∇ℓ_i, v⟩; the paper's reference (a web-trained CLIP, 5000
+steps) is not in that regime. At this scale use the CLIP score as an M-FLYT input (it ranks junk
+at 0.98+), and read FLYT's column as a weak, partly inverted signal.
 """
