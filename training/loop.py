@@ -256,12 +256,11 @@ def _global_mean(x: torch.Tensor, world_size: int) -> float:
 
 
 def default_threads() -> int:
-    """CPU threads per process: the cores shared by the local ranks, but 1 when the machine is
-    already busy (intra-op threads spin-waiting on cores that other processes hold run ~10x slower)."""
+    """CPU threads per process: the cores, shared by the local ranks. (Not lowered on a busy
+    machine: the load average also counts this job's own previous stage, e.g. the pipeline's
+    workers, which made every following training run single-threaded. Set `threads` to share.)"""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    busy = os.getloadavg()[0] >= cores if hasattr(os, "getloadavg") else False
-    return 1 if busy else share
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def init_distributed(device: str) -> tuple[int, int, int]:
