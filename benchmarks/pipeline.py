@@ -149,21 +149,21 @@ _RAW: list = []  # raw chunk rows, read before the pool forks, so workers get th
 
 
 def _warm(plan) -> int:
-    from clipsift.pipeline.encoders import split_transform, tokenizer_for
+    from clipsift.pipeline.decode import one_thread, prepare
 
-    for p in plan.images:
-        split_transform(p.cfg_json)
-    for t in plan.texts:
-        tokenizer_for(t.open_clip_name)(["warm up"])
+    one_thread()  # as the pipeline's decode tasks do
+    prepare(plan)
     time.sleep(0.2)  # keep this worker busy so the others take the remaining warm-up calls
     return os.getpid()
 
 
-def _decode_count(args) -> int:
+def _decode_count(args) -> tuple[int, int, float]:
+    """(rows kept, images decoded, CPU seconds) of one chunk, timed by decode_chunk as in the pipeline."""
     from clipsift.pipeline.decode import decode_chunk
 
     index, plan = args
-    return len(decode_chunk(_RAW[index], plan).column("uid")[0])
+    t = decode_chunk(_RAW[index], plan)
+    return len(t.column("uid")[0]), t.column("decoded")[0].as_py(), t.column("decode_cpu_s")[0].as_py()
 
 
 class DecodeCeiling:
@@ -184,9 +184,11 @@ class DecodeCeiling:
 
     def measure(self) -> dict:
         t0 = time.perf_counter()
-        rows = sum(self.pool.imap_unordered(_decode_count, [(i, self.plan) for i in range(len(_RAW))], chunksize=1))
+        done = list(self.pool.imap_unordered(_decode_count, [(i, self.plan) for i in range(len(_RAW))], chunksize=1))
         wall = time.perf_counter() - t0
-        return {"rows": rows, "seconds": wall, "rows_per_s": rows / wall, "workers": self.workers}
+        rows, images, cpu = (sum(x) for x in zip(*done))
+        return {"rows": rows, "seconds": wall, "rows_per_s": rows / wall, "workers": self.workers,
+                "cpu_ms_per_image": round(1000 * cpu / max(images, 1), 3)}
 
     def close(self) -> None:
         self.pool.close()
@@ -202,13 +204,17 @@ def pipeline_run(cfg_args: dict, out: Path, label: str) -> dict:
 
     stats = run_embed(EmbedConfig(**cfg_args, out=str(out)), echo=lambda *a: None)
     run = stats["run"]
+    dec = run["decode"]
     print(f"  pipeline {label}: {run['rows_written']} rows in {run['wall_s']:.1f} s = {run['rows_per_s']:.0f} rows/s, "
-          f"{run['steady_rows_per_s']} rows/s after the first shard  (stage sums {stats['shard_timings_s']})",
-          flush=True)
+          f"{run['steady_rows_per_s']} rows/s after the first shard  (stage sums {stats['shard_timings_s']})\n"
+          f"    decode: {dec['mean_in_flight']} tasks in flight on average (peak {dec['peak_in_flight']}, "
+          f"{dec['slots']} slots) over {dec['window_s']:.1f} s; {dec['cpu_ms_per_image']:.2f} CPU ms / "
+          f"{dec['wall_ms_per_image']:.2f} wall ms per image; process start-up {dec['setup_s']:.1f} s in all; "
+          f"model stage busy {run['model']['busy_fraction']:.0%} of the run", flush=True)
     return {"rows": run["rows_written"], "wall_s": run["wall_s"], "rows_per_s": run["rows_per_s"],
             "steady_rows_per_s": run["steady_rows_per_s"], "timeline": run["timeline"],
-            "stage_seconds": stats["shard_timings_s"], "out": str(out),
-            "ray_stats": (out / "ray_stats.txt").read_text()}
+            "stage_seconds": stats["shard_timings_s"], "decode": dec, "model": run["model"],
+            "stages": run["stages"], "out": str(out), "ray_stats": (out / "ray_stats.txt").read_text()}
 
 
 def metadata_runs(src: Path, heads, repeats: int, tmp: Path) -> list[dict]:
@@ -237,6 +243,10 @@ def main() -> None:
     p.add_argument("--precision", default="", help="fp32 | fp16 | bf16 (default fp16 on cuda, fp32 on cpu)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--model-threads", type=int, default=0, help="ray.model_threads of the pipeline's CPU actor")
+    p.add_argument("--ray", action="append", default=[], metavar="KEY=VALUE",
+                   help="a pipeline ray.* setting, e.g. --ray read_tasks=4 (repeatable; the results key names them)")
+    p.add_argument("--jpeg-draft", action="store_true",
+                   help="jpeg_draft=true in the pipeline and the decode ceiling alike (reduced-scale JPEG decoding)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the untimed pipeline run that starts Ray's workers before the repeats")
@@ -249,7 +259,7 @@ def main() -> None:
     import ray
     import torch
 
-    from clipsift import formats
+    from clipsift import config, formats
     from clipsift.eval.models import ModelSpec
     from clipsift.pipeline.config import RayConfig
     from clipsift.pipeline.encoders import make_plan, pick_device
@@ -269,7 +279,8 @@ def main() -> None:
     models = {n: ModelSpec(a, "") for n, a in names.items()}
     heads = {f"clip_{n}_similarity_score": HeadSpec("clip_score", n) for n in models}
     plan = make_plan(models, heads, batch_size=args.batch_size, normalize=True, precision=precision, seed=0,
-                     allow_random_weights=True)
+                     allow_random_weights=True, jpeg_draft=args.jpeg_draft)
+    ray_cfg = config.load(RayConfig, None, [f"model_threads={args.model_threads}", *args.ray])
     cpus = os.cpu_count()
     load_before = os.getloadavg()  # other jobs on the machine skew every figure: say how busy it was
     print(f"{len(shard_paths)} shards in {shards_dir}; models {names}; device {device} ({precision}); {cpus} CPUs",
@@ -285,7 +296,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir="runs/bench") as tmp:
             cfg_args = dict(input=str(shards_dir), models=models, heads=heads, allow_random_weights=True,
                             batch_size=args.batch_size, device=args.device, precision=precision, progress=False,
-                            ray=RayConfig(model_threads=args.model_threads))
+                            jpeg_draft=args.jpeg_draft, ray=ray_cfg)
             if args.warmup:  # leaves Ray's workers started with their imports done, as in a long job
                 pipeline_run(cfg_args, Path(tmp) / "warmup", "warm-up")
             for r in range(args.repeats):  # the ceilings beside each run: other jobs on the machine come and go
@@ -311,8 +322,11 @@ def main() -> None:
     steady = [r["steady_vs_lower_ceiling"] for r in repeats if r["steady_vs_lower_ceiling"]]
     steady_ratio = statistics.median(steady) if steady else None
     meta_rate = statistics.median(r["rows_per_s"] for r in meta)
+    in_flight = statistics.median(r["decode"]["mean_in_flight"] or 0 for r in repeats)
+    cpu_ms = statistics.median(r["decode"]["cpu_ms_per_image"] for r in repeats)
+    ceiling_cpu_ms = statistics.median(r["decode_ceiling"]["cpu_ms_per_image"] for r in repeats)
     goal = 0.8 if device == "cuda" else 0.5
-    key = f"{device}-{args.models}-{data_name}"
+    key = "-".join([device, args.models, data_name] + (["draft"] if args.jpeg_draft else []) + args.ray)
     result = {
         "machine": {"cpus": cpus,
                     "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
@@ -321,11 +335,17 @@ def main() -> None:
                     "ray_object_store_gib": round(object_store / 2**30, 1),
                     "dev_shm_gib": round(shutil.disk_usage("/dev/shm").total / 2**30, 1) if os.path.isdir("/dev/shm") else None},
         "setup": {"shards": len(shard_paths), "models": names, "precision": precision, "batch_size": args.batch_size,
-                  "model_threads": args.model_threads or "default", "repeats": args.repeats, "warmup_run": args.warmup},
+                  "model_threads": args.model_threads or "default", "repeats": args.repeats, "warmup_run": args.warmup,
+                  "jpeg_draft": args.jpeg_draft, "ray": vars(ray_cfg)},
         "pipeline": {"repeats": [{k: v for k, v in r.items() if k != "out"} for r in repeats],
                      "median_rows_per_s": pipe},
         "median_model_ceiling_rows_per_s": a_med, "median_decode_ceiling_rows_per_s": b_med,
         "metadata_mode": {"runs": meta, "median_rows_per_s": meta_rate},
+        # did decoding use the machine? tasks in flight against the slots beside the model actor, and the
+        # CPU each image costs in the pipeline's decode tasks against the plain process pool
+        "decode": {"median_mean_in_flight": in_flight, "slots": repeats[0]["decode"]["slots"],
+                   "median_cpu_ms_per_image": cpu_ms, "median_ceiling_cpu_ms_per_image": ceiling_cpu_ms,
+                   "ceiling_workers": cpus},
         "ratios": {"pipeline_vs_lower_ceiling": ratio, "steady_pipeline_vs_lower_ceiling": steady_ratio,
                    "lower_ceiling": "model" if a_med <= b_med else "decode", "goal": goal,
                    "note": "medians of per-repeat ratios; each repeat's ceilings are measured just before it"},
@@ -335,6 +355,8 @@ def main() -> None:
           f"({result['ratios']['lower_ceiling']}); goal >= {goal}")
     if steady_ratio:
         print(f"    after each run's first shard: median ratio {steady_ratio:.2f}")
+    print(f"    decode: median {in_flight} tasks in flight of {result['decode']['slots']} slots; CPU per image "
+          f"{cpu_ms:.2f} ms in the pipeline vs {ceiling_cpu_ms:.2f} ms in the {cpus}-process pool")
     print(f"(d) metadata mode: median {meta_rate:.0f} rows/s")
     out = Path(args.out)
     merged = json.loads(out.read_text()) if out.is_file() else {}

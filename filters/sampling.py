@@ -39,6 +39,8 @@ def _check_scores(scores: np.ndarray) -> np.ndarray:
         raise ValueError(f"scores must be a 1-D array, got shape {scores.shape}")
     if not np.issubdtype(scores.dtype, np.floating) and not np.issubdtype(scores.dtype, np.integer):
         raise ValueError(f"scores must be numbers, got dtype {scores.dtype}")
+    if scores.size and np.isfinite(scores.min()) and np.isfinite(scores.max()):
+        return scores  # NaN and +-inf all show in the extremes: no pool-sized temporaries
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
         raise ValueError(f"scores contain {bad.size} non-finite values (first at index {bad[0]}: "

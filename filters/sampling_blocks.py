@@ -4,7 +4,7 @@ One SCS round draws b DISTINCT items with probabilities p = softmax(l) (successi
 without replacement), then lowers the logit of every drawn item by alpha. Done directly a round
 costs O(N) (softmax + weighted choice over the whole pool): at N = 128M and 1280 rounds, too slow.
 `BlockPool` draws from exactly the same distribution with O(b) work per round, plus upkeep
-(re-tightening block envelopes, O(N / m) to rebuild the block CDF) only in rounds that need it.
+(re-tightening block envelopes, O(N / m) to rebuild the proposal table) only in rounds that need it.
 
 Why it is exact, in three steps:
 1. Successive sampling = "draw i.i.d. with replacement from p, keep first occurrences". The next
@@ -13,28 +13,37 @@ Why it is exact, in three steps:
    same law). Any prefix of the first-occurrence sequence is exact, so we may draw more i.i.d.
    samples than needed and keep the first `need` new items; when a batch of draws runs short we
    continue with p restricted to the unseen items (the same sequence with seen items skipped).
-2. i.i.d. draws from p by rejection: propose block B with probability ∝ size_B * exp(env_B), item j
-   uniformly inside it, and accept with probability exp(l_j - env_B). When env_B >= l_j for every
-   item of the block, an accepted draw is exactly p-distributed (standard rejection sampling);
-   items already drawn this round get acceptance 0, which gives p restricted to unseen items.
+   Items drawn this round have their logit set to -inf until the round ends, so they are never
+   accepted again within it.
+2. i.i.d. draws from p by rejection. Block B gets a whole number of "quanta" n_B >= its envelope
+   mass size_B * exp(env_B) / Delta (a quantum is Delta of proposal mass, Delta ~ 1/16 of the
+   mean block mass, so the rounding up wastes a few percent of proposals). A proposal is a
+   uniform u on [0, K) (K quanta in all): its quantum floor(u) names the block through a table,
+   where u falls inside the block's quanta picks the item uniformly, and the item is accepted
+   with probability exp(l_j - T_B), T_B = log(n_B * Delta / size_B) >= env_B. The chance of
+   proposing and accepting j is then (n_B / (K size_B)) * exp(l_j) * size_B / (n_B Delta), which
+   is proportional to exp(l_j): exactly p (standard rejection sampling), with one table read per
+   proposal instead of a search over the block CDF.
 3. The envelope stays valid for free: logits only go down (each draw subtracts alpha), so
    env_B = the block's max logit at any earlier time is still >= every current logit. It is
    tightened (set to the block's current max) only where and when too many proposals fail:
    mid-round over the items not yet drawn this round (re-admitted at the round's end), after a
    round over all items. Any valid envelope gives the same law; tightness only buys speed.
-   A batch's uniforms are generated already sorted, so memory is walked in order; the i.i.d.
-   sequence order needed to keep "the first `need`" is a uniform random permutation,
-   independent of the values, drawn only in a batch that found more new items than needed.
+   A batch's uniforms are generated already sorted, so memory is walked in order and the
+   proposed items come out sorted; the i.i.d. sequence order needed to keep "the first `need`"
+   is a uniform random permutation, independent of the values, drawn only in a batch that found
+   more new items than needed.
 
 Items are grouped by score before being cut into blocks of at most m items (a radix sort into
 score bands of equal width, 0.05 or 1/65535 of the score range at most; no block spans two
 bands), so the items of a block have nearly equal scores, its envelope is tight and acceptance
-stays high. Blocks are picked with a guide table over their CDF (O(1) per draw on average)
-rather than a binary search.
+stays high.
 
-Numerics: scores are stored as float32 (DataComp score columns are float32); logits are computed
-in float64 as score - alpha * count, so they never drift with repeated subtraction. An item is
-drawn at most once per round, so counts fit in uint16 unless there are >= 2**16 rounds.
+Numerics: scores are stored as float32 (DataComp score columns are float32); the current logits
+are float64, recomputed as score - alpha * count for the drawn items after every round, so they
+never drift with repeated subtraction. Floating-point rounding enters only at the 1e-15 level
+(e.g. the item map inside a block is shrunk by 2**-50 so rounding can never leave the block). An
+item is drawn at most once per round, so counts fit in uint16 unless there are >= 2**16 rounds.
 """
 from __future__ import annotations
 
@@ -42,11 +51,13 @@ import math
 
 import numpy as np
 
-_CHUNK_ROWS = 1 << 16  # rows per chunk for whole-pool passes: keeps temporaries small
+_CHUNK_ROWS = 1 << 12  # blocks per chunk for envelope refreshes: temporaries stay in cache
+_CHUNK_ITEMS = 1 << 16  # items per chunk for the grouping pass
 _REFRESH_MID_ROUND = 0.5  # tighten envelopes before another batch if its yield fell below this
 _REFRESH_END_ROUND = 0.75  # ... and after a round that drew fewer items per proposal than this
-_GUIDE_PER_BLOCK = 4  # guide buckets per block: most draws then need one comparison
+_QUANTA_PER_BLOCK = 16  # proposal table entries per block on average: rounding wastes <~ 1/16
 _BAND_WIDTH = 0.05  # widest score band (in logits) that the coarse, faster grouping may use
+_INSIDE = 1.0 - 2.0**-50  # shrinks the item map so float rounding cannot reach the next block
 
 
 class BlockPool:
@@ -63,14 +74,15 @@ class BlockPool:
         if n == 0:
             raise ValueError("BlockPool needs at least one item")
         self.n, self.m, self.alpha = n, m, float(alpha)
-        self.order, band_sizes = _group_by_score(scores)
+        # int64 order: numpy gathers and scatters over the whole pool fastest with it
+        self.order, self.s, band_sizes = _group_by_score(scores)
         self.start = _block_starts(band_sizes, m)  # block B is positions start[B]:start[B + 1]
         self.size = np.diff(self.start)
         self.nblocks = len(self.size)
-        self.s = np.take(scores, self.order)
-        self.c = np.zeros(n, dtype=np.uint16 if max_rounds < 2**16 else np.uint32)
+        # an item is drawn at most once per round; the smallest type keeps more items in cache
+        self.c = np.zeros(n, dtype=np.uint8 if max_rounds < 2**8 else np.uint16 if max_rounds < 2**16 else np.uint32)
         self.env = np.maximum.reduceat(self.s, self.start[:-1]).astype(np.float64)
-        self._build_guide()
+        self._build_table()
         self.yield_rate = [1.0, 1.0]  # new items / proposal, in first and in later batches
         self.yield_last = 1.0  # ... in the last batch: decides whether to tighten envelopes
         self.refresh_below = _REFRESH_END_ROUND  # draws per proposal that trigger tightening
@@ -78,73 +90,78 @@ class BlockPool:
 
     # ------------------------------------------------------------------ state
     def counts(self) -> np.ndarray:
-        """Draw counts per item, in the caller's original order."""
-        out = np.empty(self.n, dtype=self.c.dtype)
+        """Draw counts per item, in the caller's original order (uint16, or uint32 past 2**16 rounds)."""
+        out = np.empty(self.n, dtype=np.promote_types(self.c.dtype, np.uint16))
         out[self.order] = self.c
         return out
 
-    def block_of(self, items: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.start, items, side="right") - 1
+    def _logits(self, items: np.ndarray) -> np.ndarray:
+        """Current logits s - alpha * c of `items` (float64, computed afresh: no drift)."""
+        logits = np.multiply(self.c.take(items), -self.alpha, dtype=np.float64)
+        logits += self.s.take(items)
+        return logits
 
     def _refresh(self, rows: np.ndarray, taken: np.ndarray) -> float:
         """Tighten the envelope of the sorted block ids `rows` to the current max logit of their
-        items not in `taken` (any order). Returns the proposal mass this removed, as a fraction
-        of the total at the last guide build."""
+        items not in `taken` (sorted). Returns the proposal mass this removed, as a fraction of
+        the total at the last table build."""
         old = self.env[rows]
+        taken_blocks = np.searchsorted(self.start, taken, side="right") - 1
         for lo in range(0, len(rows), _CHUNK_ROWS):
             part = rows[lo : lo + _CHUNK_ROWS]
             size, start = self.size[part], self.start[part]
             first = np.cumsum(size) - size  # where each block's items begin in `idx`
-            idx = np.repeat(start - first, size) + np.arange(first[-1] + size[-1])
-            logits = self.s[idx].astype(np.float64)
-            logits -= self.alpha * self.c[idx]
+            idx = np.repeat(start - first, size)
+            idx += np.arange(len(idx))
+            logits = self._logits(idx)
             if taken.size:
-                blocks = self.block_of(taken)
-                hit = _isin_sorted(blocks, part)
-                row = np.searchsorted(part, blocks[hit])
+                hit = _isin_sorted(taken_blocks, part)
+                row = np.searchsorted(part, taken_blocks[hit])
                 logits[first[row] + taken[hit] - start[row]] = -np.inf
             self.env[part] = np.maximum.reduceat(logits, first)
         self.stats["refreshed_blocks"] += len(rows)
-        size = self.size[rows]
-        return float(size @ np.exp(old - self.log_mass) - size @ np.exp(self.env[rows] - self.log_mass))
+        # elementwise, not `@`: a BLAS dot may wake a thread pool, which costs more than it saves
+        change = np.exp(old - self.log_mass) - np.exp(self.env[rows] - self.log_mass)
+        return float((change * self.size[rows]).sum())
 
-    def _build_guide(self) -> None:
-        """Block CDF ∝ size_B * exp(env_B), and a guide table of K equal buckets of [0, 1):
-        guide[k] = a block index <= the first block whose CDF exceeds any u in bucket k."""
-        edges = np.empty(self.nblocks + 1)  # edges[B], edges[B + 1]: block B's CDF interval
-        edges[0] = 0.0
-        cdf = edges[1:]
+    def _build_table(self) -> None:
+        """Whole quanta per block covering its envelope mass, the quantum -> block table, and
+        per block: its first quantum, item scale and acceptance threshold T (see step 2)."""
         top = self.env.max()
-        np.exp(self.env - top, out=cdf)
-        cdf *= self.size  # a block's proposal mass: its size times its envelope weight
-        np.cumsum(cdf, out=cdf)
-        self.log_mass = top + math.log(cdf[-1])
-        cdf /= cdf[-1]  # last entry exactly 1.0: every u in [0, 1) has an answer
-        k = _GUIDE_PER_BLOCK * len(cdf)
-        # The factor rounds borderline blocks up a bucket, so a guide never starts past the answer.
-        bucket = np.minimum((cdf * (k * (1 + 1e-12))).astype(np.int64), k)
-        per_bucket = np.bincount(bucket, minlength=k + 1)
-        self.edges, self.cdf, self.guide = edges, cdf, np.cumsum(per_bucket) - per_bucket
+        mass = np.exp(self.env - top)
+        mass *= self.size  # a block's envelope mass (relative to exp(top))
+        total = float(mass.sum())
+        self.log_mass = top + math.log(total)
+        quantum = total / (_QUANTA_PER_BLOCK * self.nblocks)
+        mass /= quantum
+        # floor + 1 >= mass / quantum even after rounding; an empty block (all -inf) gets none
+        quanta = np.where(mass > 0, np.floor(mass) + 1, 0.0)
+        self.first_quantum = np.cumsum(quanta) - quanta
+        self.nquanta = float(self.first_quantum[-1] + quanta[-1])
+        nonzero = quanta > 0
+        # u may round up to exactly nquanta: one spare entry naming the last block with quanta
+        last = np.flatnonzero(nonzero)[-1]
+        block_id = np.int32 if self.nblocks < 2**31 else np.int64  # halves table reads
+        self.table = np.append(np.repeat(np.arange(self.nblocks, dtype=block_id), quanta.astype(np.int64)),
+                               np.array(last, dtype=block_id))
+        with np.errstate(divide="ignore"):
+            self.threshold = top + np.log(quanta * (quantum / self.size))
+            self.scale = np.where(nonzero, self.size / np.maximum(quanta, 1.0), 0.0) * _INSIDE
 
-    def _propose(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Inverse CDF of the proposal: block B with probability ∝ size_B exp(env_B), then an item
-        uniform in B. Returns (blocks, items) for sorted uniforms u in [0, 1), both sorted.
+    def _propose(self, r: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """r i.i.d. proposals: block B with probability n_B / K, then an item uniform in B.
+        Returns (blocks, items), both sorted (the uniforms are generated in sorted order).
 
-        The block is the first one whose CDF exceeds u (guide table, one step, exact binary
-        search for the rare rest); where u falls inside that block's CDF interval is uniform,
-        and picks the item, so a single uniform serves both levels.
+        Where u falls inside the block's quanta is uniform and independent of B, and picks the
+        item, so a single uniform serves both levels.
         """
-        cdf, k = self.cdf, len(self.guide) - 1
-        blocks = self.guide[np.minimum((u * k).astype(np.int64), k - 1)]
-        blocks += cdf[blocks] <= u  # most buckets meet at most two blocks
-        late = np.flatnonzero(cdf[blocks] <= u)  # buckets crossing several small blocks
-        if late.size:
-            blocks[late] = np.searchsorted(cdf, u[late], side="right")
-        lo = self.edges[blocks]
-        within = (u - lo) / (self.edges[blocks + 1] - lo)  # uniform in [0, 1), independent of B
-        size = self.size[blocks]
-        offset = np.minimum((within * size).astype(np.int64), size - 1)
-        return blocks, self.start[blocks] + offset
+        u = _sorted_uniforms(rng, r, self.nquanta)
+        blocks = self.table.take(u.astype(np.int64))
+        within = u - self.first_quantum.take(blocks)  # exact: both in [0, 2**53), u >= first quantum
+        within *= self.scale.take(blocks)  # < size_B, thanks to _INSIDE
+        items = within.astype(np.int64)
+        items += self.start.take(blocks)
+        return blocks, items
 
     # ------------------------------------------------------------------ one round
     def draw_round(self, b: int, rng: np.random.Generator) -> np.ndarray:
@@ -159,22 +176,21 @@ class BlockPool:
             return np.empty(0, dtype=np.int64)
         taken: list[np.ndarray] = []  # drawn so far this round: sorted, disjoint batches
         tightened: list[np.ndarray] = []  # envelopes that left out this round's draws
-        rejected: list[np.ndarray] = []  # blocks where proposals were rejected
+        batches: list[tuple[np.ndarray, np.ndarray]] = []  # (blocks, accepted) of each batch
         need, proposals = b, self.stats["proposals"]
         while need:
-            new, missed = self._draw_new(need, rng, taken)
-            if new.size:
-                taken.append(new)
-            rejected.append(missed)
+            new, blocks, ok = self._draw_new(need, rng, taken)
+            taken.append(new)
+            batches.append((blocks, ok))
             need -= len(new)
             if need and self.yield_last < _REFRESH_MID_ROUND:
                 # Much of the proposal mass sits on items taken this round (or loose blocks):
-                # tighten those envelopes, leaving the taken items out, before drawing again.
-                rows = _distinct_sorted(np.sort(np.concatenate([missed, self.block_of(new)])))
-                self._refresh(rows, np.concatenate(taken))
-                self._build_guide()
+                # tighten the envelopes this batch proposed from before drawing again.
+                rows = _distinct_sorted(blocks)
+                self._refresh(rows, np.sort(np.concatenate(taken)))
+                self._build_table()
                 tightened.append(rows)
-        drawn = np.concatenate(taken) if len(taken) > 1 else taken[0] if taken else np.empty(0, np.int64)
+        drawn = np.concatenate(taken) if len(taken) > 1 else taken[0]
         self.c[drawn] += 1  # distinct positions, so a plain fancy update is exact
         # Re-admit this round's draws to envelopes tightened without them.
         if tightened:
@@ -186,16 +202,18 @@ class BlockPool:
         rate = b / max(self.stats["proposals"] - proposals, 1)
         loose = rate < self.refresh_below
         if loose:
-            removed = self._refresh(_distinct_sorted(np.sort(np.concatenate(rejected))), drawn[:0])
+            rejected = np.concatenate([blocks.compress(~ok) for blocks, ok in batches])
+            removed = self._refresh(_distinct_sorted(np.sort(rejected)), drawn[:0])
             self.refresh_below = _REFRESH_END_ROUND if removed > 0.05 else 0.9 * rate
         if tightened or loose:
-            self._build_guide()
+            self._build_table()
         return drawn
 
     def _draw_new(self, need: int, rng: np.random.Generator,
-                  taken: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+                  taken: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Up to `need` new items (sorted): the first occurrences of i.i.d. draws ∝ exp(logits)
-        among items not in `taken` (sorted arrays). Also the blocks where proposals were rejected.
+        among items not in `taken` (sorted arrays). Also the proposals' blocks and whether each
+        proposal was accepted.
 
         Draws are generated in sorted order of their uniforms (memory is then walked in order);
         the i.i.d. sequence order is a uniformly random permutation independent of the values,
@@ -209,14 +227,17 @@ class BlockPool:
         # At most ~4 proposals per wanted item: when the yield is lower, tightening the envelopes
         # between batches (draw_round) is cheaper than proposing the same taken items again.
         r = max(16, min(int(math.ceil(aim / self.yield_rate[not first])), 4 * need + 1024))
-        blocks, items = self._propose(_sorted_uniforms(rng, r))
-        logit = self.s[items].astype(np.float64)
-        logit -= self.alpha * self.c[items]
-        logit -= self.env[blocks]
+        blocks, items = self._propose(r, rng)
+        logit = self._logits(items)
+        logit -= self.threshold.take(blocks)
         ok = rng.random(r) < np.exp(logit, out=logit)
-        for part in taken:  # p restricted to items not drawn yet this round
-            ok[ok] = ~_isin_sorted(items[ok], part)
-        accepted = items[ok]  # i.i.d. ∝ exp(logit) over the free items, sorted
+        if taken:  # p restricted to items not drawn yet this round
+            hits = np.flatnonzero(ok)
+            for part in taken:
+                hits = hits.compress(~_isin_sorted(items.take(hits), part))
+            ok[:] = False
+            ok[hits] = True
+        accepted = items.compress(ok)  # i.i.d. ∝ exp(logit) over the free items, sorted
         new = _distinct_sorted(accepted)
         self.yield_last = len(new) / r
         self.yield_rate[not first] = max(self.yield_last, 1e-3)
@@ -225,15 +246,20 @@ class BlockPool:
         if len(new) > need:  # keep the `need` earliest in sequence order
             new, when = _first_occurrences(accepted, rng.permutation(len(accepted)))
             new = new[when <= np.partition(when, need - 1)[need - 1]]
-        return new, _distinct_sorted(blocks[~ok])
+        return new, blocks, ok
 
 
-def _sorted_uniforms(rng: np.random.Generator, r: int) -> np.ndarray:
-    """r i.i.d. uniforms on [0, 1), generated in sorted order: S_i / S_(r+1) for S the partial
-    sums of r + 1 standard exponentials has the law of sorted uniforms (no sort needed)."""
-    s = np.cumsum(rng.standard_exponential(r + 1))
-    u = s[:-1] / s[-1]
-    return np.minimum(u, np.nextafter(1.0, 0.0), out=u)  # rounding could give 1.0; keep [0, 1)
+def _sorted_uniforms(rng: np.random.Generator, r: int, high: float) -> np.ndarray:
+    """r i.i.d. uniforms on [0, high], generated in sorted order: S_i / S_(r+1) for S the partial
+    sums of r + 1 standard exponentials has the law of sorted uniforms on [0, 1] (no sort
+    needed). (high itself has probability 0 but can come out of rounding.)"""
+    s = rng.random(r + 1)
+    np.subtract(1.0, s, out=s)  # in (0, 1]
+    np.log(s, out=s)  # minus standard exponentials (cheaper than numpy's own): the signs cancel
+    np.cumsum(s, out=s)
+    u = s[:-1]
+    u *= high / s[-1]
+    return u
 
 
 def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
@@ -247,7 +273,7 @@ def _distinct_sorted(a: np.ndarray) -> np.ndarray:
     keep = np.empty(len(a), dtype=bool)
     keep[:1] = True
     np.not_equal(a[1:], a[:-1], out=keep[1:])
-    return a[keep]
+    return a.compress(keep)
 
 
 def _first_occurrences(seq: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -261,24 +287,34 @@ def _first_occurrences(seq: np.ndarray, position: np.ndarray) -> tuple[np.ndarra
     return values[first], keys[first] - values[first] * n
 
 
-def _group_by_score(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Permutation putting high scores first, in score bands of equal width, and the number of
-    items in each band (in that order).
+def _group_by_score(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Permutation putting high scores first, in score bands of equal width; the scores in that
+    order; and the number of items in each band (in that order).
 
     Bands are at most _BAND_WIDTH wide (a block's envelope then loses at most that much), with
     256 of them (a one-pass radix sort on 8-bit keys) when the score range allows, else up to
     65536 (two passes). Stable: ties keep their original order, so the result is deterministic.
     """
-    index_type = np.int32 if len(scores) < 2**31 else np.int64
     top, span = float(scores.max()), float(scores.max()) - float(scores.min())
     bands = 256 if span <= 255 * _BAND_WIDTH else 65536
-    scale = (bands - 1) / span if span > 0 else 0.0
-    gap = np.subtract(top, scores, dtype=np.float32)
-    gap *= np.float32(scale)
-    np.minimum(gap, np.float32(bands - 1), out=gap)  # float rounding at the bottom edge
-    key = gap.astype(np.uint8 if bands == 256 else np.uint16)
-    del gap
-    return np.argsort(key, kind="stable").astype(index_type), np.bincount(key, minlength=bands)
+    scale = np.float32((bands - 1) / span if span > 0 else 0.0)
+    key = np.empty(len(scores), dtype=np.uint8 if bands == 256 else np.uint16)
+    band_sizes = np.zeros(bands, dtype=np.int64)
+    # In chunks: the float temporaries stay small and warm in cache (fresh pool-sized
+    # temporaries cost page faults), and counting a chunk's keys widens only the chunk.
+    gap = np.empty(min(len(scores), _CHUNK_ITEMS), dtype=np.float32)
+    for lo in range(0, len(scores), _CHUNK_ITEMS):
+        part = scores[lo : lo + _CHUNK_ITEMS]
+        g = gap[: len(part)]
+        np.subtract(top, part, out=g, dtype=np.float32)
+        g *= scale
+        np.minimum(g, np.float32(bands - 1), out=g)  # float rounding at the bottom edge
+        band = key[lo : lo + _CHUNK_ITEMS]
+        band[...] = g  # truncation: the band number, 0 for the top band
+        band_sizes += np.bincount(band, minlength=bands)
+    order = np.argsort(key, kind="stable")
+    del key
+    return order, scores.take(order), band_sizes
 
 
 def _block_starts(band_sizes: np.ndarray, m: int) -> np.ndarray:

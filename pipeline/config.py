@@ -21,7 +21,11 @@ class RayConfig:
     model_actors: int = 0  # model-stage actors (0 = one per GPU, or one on a CPU-only cluster)
     model_cpus: float = 1.0  # CPUs each model actor reserves; the rest decode (must leave some)
     model_threads: int = 0  # torch threads of a CPU model actor (0 = ceil(model_cpus))
-    read_cpus: float = 1.0  # CPUs each read task and each decode task reserves
+    read_cpus: float = 0.0  # CPUs each read task reserves (reading is light; see read_tasks)
+    # Reading a tar costs ~5% of decoding its images: one read task keeps ~20 decode tasks busy. The
+    # cap also bounds the CPUs Ray Data sets aside for reading (uncapped, about a third of the machine).
+    read_tasks: int = 0  # read tasks at most at once (0 = one per 8 CPUs, at least 2)
+    decode_cpus: float = 1.0  # CPUs each decode task reserves; decode tasks fill every CPU the rest leave
 
 
 @dataclass
@@ -65,6 +69,9 @@ class EmbedConfig(RunConfig):
     allow_random_weights: bool = False  # a model without `pretrained` is random: refuse unless set (benchmarks)
     seed: int = 0  # torch seed before building each model (reproducible random weights)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype on cuda (cpu always runs fp32)
+    # decode JPEGs at 1/2, 1/4 or 1/8 scale when that still covers the model's input (PIL draft):
+    # faster on large images, but pixels differ slightly from open_clip's own preprocessing
+    jpeg_draft: bool = False
     normalize: bool = True  # store L2-normalised embeddings (scores are cosines either way)
     on_missing_stats: Literal["error", "process"] = "error"  # a shard without _stats.json may be incomplete
 

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import torch
 from PIL import Image
 
 from clipsift import shards
@@ -72,6 +73,7 @@ def raw_chunk(shard: int, chunk: int, last: bool, records: list[shards.Record], 
         "notes": pa.array([notes], _LIST_STR),
         "encoded": pa.array([[s.image for s in samples]], pa.list_(pa.large_binary())),
         "read_s": pa.array([read_s], pa.float64()),
+        "read_at": pa.array([time.time()], pa.float64()),  # epoch seconds: when the chunk was ready
     }
     return pa.table(cols)
 
@@ -106,12 +108,47 @@ def sample_fields(sample: shards.Sample, notes: list[str]) -> dict[str, Any]:
 
 def decode_task(batch: pa.Table, plan: Plan) -> pa.Table:
     """Ray map_batches UDF: raw chunk rows in, decoded chunk rows out (see decode_chunk)."""
+    one_thread()
     return pa.concat_tables([decode_chunk(batch.slice(i, 1), plan) for i in range(batch.num_rows)])
 
 
-def decode_chunk(row: pa.Table, plan: Plan) -> pa.Table:
-    """Decode and preprocess one chunk row: image and token blobs replace the encoded images."""
+def one_thread() -> None:
+    """A decode process is one of many, one per core: torch must not start a thread per core in each
+    (Ray sets OMP_NUM_THREADS=1 for 1-CPU tasks, but not when the environment already sets it)."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+def prepare(plan: Plan) -> float:
+    """Build the plan's transforms and tokenizers in this process; the seconds it took.
+
+    The first call in a process imports open_clip and loads the tokenizers (seconds); later calls
+    hit the caches (microseconds). decode_chunk reports this apart from its per-image time.
+    """
+    key = tuple(p.cfg_json for p in plan.images) + tuple(t.open_clip_name for t in plan.texts)
+    if key in _PREPARED:
+        return 0.0
     t0 = time.perf_counter()
+    for p in plan.images:
+        split_transform(p.cfg_json)
+    for t in plan.texts:
+        tokenizer_for(t.open_clip_name)(["warm up"])  # the first call compiles patterns and fills caches
+    _PREPARED.add(key)
+    return time.perf_counter() - t0
+
+
+_PREPARED: set[tuple[str, ...]] = set()
+
+
+def decode_chunk(row: pa.Table, plan: Plan) -> pa.Table:
+    """Decode and preprocess one chunk row: image and token blobs replace the encoded images.
+
+    Timings it adds: decode_s (wall) and decode_cpu_s (this process's CPU) of the chunk's work,
+    decode_start (epoch seconds, to see how many decode tasks overlapped), decode_setup_s (one-off
+    per process, see prepare) and decoded (images attempted).
+    """
+    setup_s = prepare(plan)
+    t0, c0, start = time.perf_counter(), time.process_time(), time.time()
     r = row.to_pylist()[0]
     sample_records = [i for i, reason in enumerate(r["reasons"]) if not reason]
     pixels = {p.key: np.empty((len(r["encoded"]), *p.shape), np.uint8) for p in plan.images}
@@ -139,8 +176,12 @@ def decode_chunk(row: pa.Table, plan: Plan) -> pa.Table:
     for t in plan.texts:
         toks = tokenizer_for(t.open_clip_name)(texts).numpy() if kept else np.zeros((0, t.context_length))
         cols[t.key] = blob(toks.astype(np.int32))
-    cols["read_s"] = row.column("read_s")
+    cols["read_s"], cols["read_at"] = row.column("read_s"), row.column("read_at")
     cols["decode_s"] = pa.array([time.perf_counter() - t0], pa.float64())
+    cols["decode_cpu_s"] = pa.array([time.process_time() - c0], pa.float64())
+    cols["decode_start"] = pa.array([start], pa.float64())
+    cols["decode_setup_s"] = pa.array([setup_s], pa.float64())
+    cols["decoded"] = pa.array([len(r["encoded"])], pa.int64())
     return pa.table(cols)
 
 
@@ -155,6 +196,8 @@ def decode_image(data: bytes, plan: Plan) -> tuple[dict[str, np.ndarray], str]:
     """Every image array the plan needs, or an error string (truncated or undecodable bytes)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if plan.jpeg_draft:  # JPEG only (a no-op for other formats): the largest scale-down that still covers every input size
+                img.draft(None, (max(p.shape[1] for p in plan.images), max(p.shape[0] for p in plan.images)))
             img.load()  # decodes fully: truncated data raises here, not later
             out = {}
             for p in plan.images:

@@ -32,14 +32,15 @@ MISSING_STATS = "missing_stats_file"
 
 def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
     """Embed and score every shard of cfg.input not yet done in cfg.out; return the run's stats."""
-    t_start = time.perf_counter()
+    t_start, epoch_start = time.perf_counter(), time.time()
     out = Path(cfg.out)
     shard_paths = formats.list_shards(cfg.input) if Path(cfg.input).is_dir() else []
     if not shard_paths:
         raise FileNotFoundError(f"input={cfg.input!r}: no {{:08d}}.tar shards there")
     expected = expected_rows(shard_paths, cfg.on_missing_stats)
     plan = make_plan(cfg.models, cfg.heads, batch_size=cfg.batch_size, normalize=cfg.normalize,
-                     precision=cfg.precision, seed=cfg.seed, allow_random_weights=cfg.allow_random_weights)
+                     precision=cfg.precision, seed=cfg.seed, allow_random_weights=cfg.allow_random_weights,
+                     jpeg_draft=cfg.jpeg_draft)
     fingerprint = plan.fingerprint()
     stems = [p.stem for p in shard_paths]
     done_before = finished(out, shard_paths, fingerprint)
@@ -52,6 +53,7 @@ def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
     rows = 0
     run: dict[str, Any] = {"fingerprint": fingerprint, "shards_skipped_done": len(done_before)}
     timeline: list[tuple[float, int]] = []  # (seconds since start, rows written): startup vs steady state
+    chunk_timings: list[dict[str, float]] = []
     if pending:
         t0 = time.perf_counter()
         with ray_session(cfg.ray, cfg.progress):
@@ -60,6 +62,7 @@ def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
             run["stages"] = vars(sp)
             ds = build_dataset(pending, plan, sp)
             for shard, chunk_rows in assembled_shards(ds):
+                chunk_timings.extend({k: r[k] for k in CHUNK_TIMINGS} for r in chunk_rows)
                 path = pending[shard]
                 rows += write_shard(out, path, chunk_rows, plan, fingerprint, expected[path.stem])
                 written.append(path.stem)
@@ -71,6 +74,8 @@ def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
     wall = time.perf_counter() - t_start
     run.update(shards_written=len(written), rows_written=rows, wall_s=round(wall, 3), rows_per_s=round(rows / wall, 1),
                timeline=timeline, steady_rows_per_s=steady_rate(timeline))
+    if chunk_timings:
+        run.update(stage_profile(chunk_timings, run["stages"], epoch_start, wall))
     stats = run_stats(out, stems, run)
     echo(summary_table(stats))
     echo(f"embed: wrote {len(written)} shards ({rows} rows) in {run['wall_s']:.1f} s; "
@@ -85,6 +90,44 @@ def steady_rate(timeline: list[tuple[float, int]]) -> float | None:
         return None
     (t0, r0), (t1, r1) = timeline[0], timeline[-1]
     return round((r1 - r0) / (t1 - t0), 1)
+
+
+CHUNK_TIMINGS = ("read_at", "decode_s", "decode_cpu_s", "decode_start", "decode_setup_s", "decoded", "model_s")
+
+
+def stage_profile(chunks: list[dict[str, float]], stages: dict[str, Any], epoch_start: float,
+                  wall: float) -> dict[str, Any]:
+    """How the decode tasks and the model stage spent this run, from per-chunk timings.
+
+    decode.mean_in_flight: decode tasks running at once, on average, from the first decode start to
+    the last decode end (its ceiling is decode.slots); decode.cpu_ms_per_image against
+    decode.wall_ms_per_image tells per-image work apart from waiting for a core. decode.setup_s is
+    the one-off start-up of each decode process (imports, tokenizers), kept out of the per-image
+    figures; first_chunk_read_s and decode.first_start_s are how long after the run's start the first
+    chunk was read and began decoding (planning, worker start). model.busy_fraction near 1 means the model stage is the bottleneck.
+    """
+    images = sum(c["decoded"] for c in chunks)
+    busy = sum(c["decode_s"] for c in chunks)
+    spans = sorted((c["decode_start"], c["decode_start"] + c["decode_s"]) for c in chunks)
+    window = max(end for _, end in spans) - spans[0][0]
+    events = sorted([(t0, 1) for t0, _ in spans] + [(t1, -1) for _, t1 in spans])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    per_image = 1000 / max(images, 1)
+    model_busy = sum(c["model_s"] for c in chunks)
+    return {
+        "first_chunk_read_s": round(min(c["read_at"] for c in chunks) - epoch_start, 3),
+        "decode": {"images": images, "chunks": len(chunks), "slots": stages["decode_slots"],
+                   "cpu_ms_per_image": round(sum(c["decode_cpu_s"] for c in chunks) * per_image, 3),
+                   "wall_ms_per_image": round(busy * per_image, 3),
+                   "setup_s": round(sum(c["decode_setup_s"] for c in chunks), 3),
+                   "first_start_s": round(spans[0][0] - epoch_start, 3), "window_s": round(window, 3),
+                   "mean_in_flight": round(busy / window, 2) if window > 0 else None, "peak_in_flight": peak},
+        "model": {"busy_s": round(model_busy, 3),
+                  "busy_fraction": round(model_busy / (wall * stages["model_actors"]), 3)},
+    }
 
 
 def write_ray_stats(out: Path, ds) -> None:
@@ -124,11 +167,18 @@ def build_dataset(pending: list[Path], plan: Plan, sp: StagePlan):
 
     items = [{"path": str(p), "shard": i, "batch_size": plan.batch_size} for i, p in enumerate(pending)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_task, batch_size=1, batch_format="pyarrow", num_cpus=sp.read_cpus)
-    # one chunk per block: decode tasks then take chunks as they come, not a whole shard each
-    ds = ds.repartition(target_num_rows_per_block=1)
+    # A 1-byte block target: every chunk row a read task yields exceeds it, so each leaves as its own
+    # block at once and decode tasks take chunks as they come, not a whole shard each (a repartition
+    # step did this before, but it runs as tasks that need CPU slots of their own). This dataset's
+    # context only; the session's default is untouched.
+    ds.context.target_max_block_size = 1
+    # The cap on read tasks matters: without it Ray Data sets CPU budget aside for the read stage
+    # while any shard is unread (its reserved share plus an equal split of the rest), and decoding,
+    # the real work, gets what is left: 5 of 7 free CPUs in a run on 8, 12 of 15 on 16.
+    ds = ds.map_batches(read_task, batch_size=1, batch_format="pyarrow", num_cpus=sp.read_cpus,
+                        compute=ray.data.TaskPoolStrategy(size=sp.read_tasks))
     ds = ds.map_batches(decode_task, fn_kwargs={"plan": plan}, batch_size=1, batch_format="pyarrow",
-                        num_cpus=sp.read_cpus, memory=decode_task_memory(plan))
+                        num_cpus=sp.decode_cpus, memory=decode_task_memory(plan))
     return ds.map_batches(
         EncodeStage, fn_constructor_kwargs={"plan": plan, "device": "cuda" if sp.use_gpu else "cpu",
                                             "threads": sp.model_threads},

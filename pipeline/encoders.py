@@ -69,6 +69,7 @@ class Plan:
     normalize: bool
     precision: str
     seed: int
+    jpeg_draft: bool = False  # decode JPEGs at a reduced scale that still covers the model input (PIL draft)
     score_columns: list[str] = field(default_factory=list)
 
     def embedding_names(self) -> list[str]:
@@ -80,6 +81,8 @@ class Plan:
                "texts": [asdict(t) for t in self.texts], "heads": {k: asdict(v) for k, v in self.heads.items()},
                "batch_size": self.batch_size, "normalize": self.normalize, "precision": self.precision,
                "seed": self.seed}
+        if self.jpeg_draft:  # absent when off, so outputs written before the option existed stay valid
+            doc["jpeg_draft"] = True
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -93,7 +96,7 @@ def open_clip_source(spec: ModelSpec) -> tuple[str, str]:
 
 
 def make_plan(models: dict[str, ModelSpec], heads: dict[str, HeadSpec], *, batch_size: int, normalize: bool,
-              precision: str, seed: int, allow_random_weights: bool) -> Plan:
+              precision: str, seed: int, allow_random_weights: bool, jpeg_draft: bool = False) -> Plan:
     """Probe each model's preprocessing and tokenizer (architecture only, weights stay on disk)."""
     import open_clip
 
@@ -122,7 +125,7 @@ def make_plan(models: dict[str, ModelSpec], heads: dict[str, HeadSpec], *, batch
         del model
         plans.append(ModelPlan(name, oc_name, pretrained, image.key, text.key, mean, std, _weights(spec, oc_name, seed)))
     plan = Plan(plans, list(images.values()), list(texts.values()), dict(heads), batch_size, normalize,
-                precision, seed)
+                precision, seed, jpeg_draft)
     plan.score_columns = list(build_heads(heads, plan.embedding_names()))  # checks every head's inputs
     return plan
 

@@ -1,4 +1,4 @@
-"""Connecting to Ray and sharing its CPUs between the model stage and the read tasks.
+"""Connecting to Ray and sharing its CPUs between the model stage, the read tasks and the decode tasks.
 
 Laptop: a local Ray with this machine's cores (or ray.num_cpus). Cluster: the cluster named by
 ray.address or $RAY_ADDRESS; clipsift must be installed on every node. A Ray session the caller
@@ -26,7 +26,9 @@ class StagePlan:
     model_cpus: float
     model_threads: int
     read_cpus: float
-    read_slots: int  # read tasks that can run beside the model actors
+    read_tasks: int  # read tasks at most at once
+    decode_cpus: float
+    decode_slots: int  # decode tasks that can run at once beside the model actors and the read tasks
     cluster_cpus: float
     cluster_gpus: float
 
@@ -64,16 +66,26 @@ def cluster(device: str) -> tuple[float, float, bool]:
 
 
 def stage_plan(rc: RayConfig, device: str) -> StagePlan:
-    """How many model actors, on what, and how many read tasks fit beside them."""
+    """How many model actors, on what, how many read tasks, and how many decode tasks fit beside them."""
+    for key in ("model_cpus", "read_cpus", "decode_cpus", "read_tasks", "model_actors", "model_threads"):
+        if getattr(rc, key) < 0:
+            raise ResourceError(f"ray.{key}={getattr(rc, key)} must be >= 0")
+    if rc.decode_cpus == 0:
+        raise ResourceError("ray.decode_cpus must be > 0: decoding is CPU work, and Ray would start a task per image chunk at once")
     cpus, gpus, use_gpu = cluster(device)
     actors = rc.model_actors or (int(gpus) if use_gpu else 1)
     if use_gpu and actors > gpus:
         raise ResourceError(f"ray.model_actors={actors} but the cluster has {gpus:g} GPUs (one actor per GPU)")
-    left = cpus - actors * rc.model_cpus
-    if left < rc.read_cpus:
+    read_tasks = rc.read_tasks or max(2, math.ceil(cpus / 8))
+    # read tasks may hold their CPUs while downstream is backpressured: a decode task must still fit
+    left = cpus - actors * rc.model_cpus - read_tasks * rc.read_cpus
+    if left < rc.decode_cpus:
         raise ResourceError(
-            f"{actors} model actor(s) x ray.model_cpus={rc.model_cpus:g} leave {left:g} of {cpus:g} CPUs, less than "
-            f"one read task needs (ray.read_cpus={rc.read_cpus:g}); the job would hang. Lower ray.model_cpus, "
-            f"ray.model_actors or ray.read_cpus.")
+            f"{actors} model actor(s) x ray.model_cpus={rc.model_cpus:g} and {read_tasks} read task(s) x "
+            f"ray.read_cpus={rc.read_cpus:g} leave {left:g} of {cpus:g} CPUs, less than one decode task needs "
+            f"(ray.decode_cpus={rc.decode_cpus:g}); the job would hang. Lower ray.model_cpus, ray.model_actors, "
+            f"ray.read_tasks, ray.read_cpus or ray.decode_cpus.")
+    decode_slots = int(left // rc.decode_cpus)
     threads = rc.model_threads or max(1, math.ceil(rc.model_cpus))
-    return StagePlan(use_gpu, actors, rc.model_cpus, threads, rc.read_cpus, int(left // rc.read_cpus), cpus, gpus)
+    return StagePlan(use_gpu, actors, rc.model_cpus, threads, rc.read_cpus, read_tasks, rc.decode_cpus,
+                     decode_slots, cpus, gpus)

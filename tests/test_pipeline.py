@@ -424,8 +424,12 @@ def test_model_actors_never_take_every_cpu(ray_local):
         stage_plan(RayConfig(model_cpus=cpus), "auto")
     with pytest.raises(ResourceError, match="would hang"):
         stage_plan(RayConfig(model_actors=2, model_cpus=cpus / 2), "cpu")
+    with pytest.raises(ResourceError, match="would hang"):  # read tasks that reserve CPUs count too
+        stage_plan(RayConfig(read_tasks=2, read_cpus=(cpus - 1) / 2), "cpu")
     sp = stage_plan(RayConfig(), "cpu")
-    assert sp.model_actors == 1 and sp.read_slots == int(cpus) - 1 and not sp.use_gpu and sp.model_threads == 1
+    assert sp.model_actors == 1 and not sp.use_gpu and sp.model_threads == 1
+    # read tasks reserve no CPU by default: every CPU but the model actor's decodes
+    assert sp.read_cpus == 0 and sp.read_tasks == 2 and sp.decode_slots == int(cpus) - 1
 
 
 # ---------------------------------------------------------------- a real kill
@@ -455,3 +459,26 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(embedded, tmp_path):
     assert stats["shards_done"] == 3
     for f in sorted((Path(cfg.out) / "metadata").iterdir()):
         assert (out / "metadata" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_jpeg_draft_decodes_close_to_full_decoding(models):
+    """jpeg_draft shrinks large JPEGs while decoding (PIL draft): the model inputs stay close to full
+    decoding, and the plan's fingerprint changes so outputs of the two are never mixed."""
+    from dataclasses import replace
+
+    from clipsift.pipeline.decode import decode_image
+    from clipsift.pipeline.encoders import make_plan
+
+    plan = make_plan(models, {}, batch_size=2, normalize=True, precision="fp32", seed=0, allow_random_weights=False)
+    draft = replace(plan, jpeg_draft=True)
+    assert draft.fingerprint() != plan.fingerprint()
+    yy, xx = np.mgrid[0:384, 0:512]
+    smooth = np.stack([xx / 2, yy / 1.5, (xx + yy) / 3.5], -1).astype(np.uint8)  # a smooth 512x384 picture
+    buf = io.BytesIO()
+    Image.fromarray(smooth).save(buf, format="JPEG", quality=90)
+    full, err_full = decode_image(buf.getvalue(), plan)
+    small, err_small = decode_image(buf.getvalue(), draft)
+    assert err_full == err_small == ""
+    for key in full:
+        assert small[key].shape == full[key].shape
+        assert np.abs(small[key].astype(int) - full[key].astype(int)).mean() < 3.0
