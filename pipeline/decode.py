@@ -5,7 +5,7 @@ tar order (the last chunk is shorter; a final chunk flagged `last` closes the sh
 empty). Every record of the tar -- sample or Skip -- belongs to exactly one chunk, so per-shard
 counts add up. A chunk is ONE row of the Ray dataset, carrying its samples' encoded images.
 
-decode_task turns one chunk row into fixed-shape arrays: every image through the PIL part of each
+DecodeStage turns one chunk row into fixed-shape arrays: every image through the PIL part of each
 model's open_clip transform (uint8, H x W x 3, all images of the chunk in one blob), every caption
 through each tokenizer (int32). An image that fails to decode becomes a corrupt_image skip.
 
@@ -106,10 +106,15 @@ def sample_fields(sample: shards.Sample, notes: list[str]) -> dict[str, Any]:
     return out
 
 
-def decode_task(batch: pa.Table, plan: Plan) -> pa.Table:
-    """Ray map_batches UDF: raw chunk rows in, decoded chunk rows out (see decode_chunk)."""
-    one_thread()
-    return pa.concat_tables([decode_chunk(batch.slice(i, 1), plan) for i in range(batch.num_rows)])
+class DecodeStage:
+    """Ray map_batches actor: raw chunk rows in, decoded chunk rows out (see decode_chunk)."""
+
+    def __init__(self, plan: Plan):
+        one_thread()
+        self.plan = plan
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.concat_tables([decode_chunk(batch.slice(i, 1), self.plan) for i in range(batch.num_rows)])
 
 
 def one_thread() -> None:

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from clipsift import config, formats, shards
 from clipsift.pipeline.config import EmbedConfig
-from clipsift.pipeline.decode import decode_task, read_task
+from clipsift.pipeline.decode import DecodeStage, read_task
 from clipsift.pipeline.encoders import Encoder, Plan, make_plan
 from clipsift.pipeline.output import finished, output_schema, run_stats, summary_table, write_outputs
 from clipsift.pipeline.raysession import StagePlan, ray_session, stage_plan
@@ -162,7 +162,7 @@ def expected_rows(shard_paths: list[Path], on_missing: str) -> dict[str, int | N
 
 
 def build_dataset(pending: list[Path], plan: Plan, sp: StagePlan):
-    """shards -> read tasks (raw chunks) -> decode tasks (one chunk each) -> one actor pool of every model and head."""
+    """shards -> read tasks (raw chunks) -> decode actors (one chunk at a time) -> one actor pool of every model and head."""
     import ray
 
     items = [{"path": str(p), "shard": i, "batch_size": plan.batch_size} for i, p in enumerate(pending)]
@@ -177,8 +177,12 @@ def build_dataset(pending: list[Path], plan: Plan, sp: StagePlan):
     # the real work, gets what is left: 5 of 7 free CPUs in a run on 8, 12 of 15 on 16.
     ds = ds.map_batches(read_task, batch_size=1, batch_format="pyarrow", num_cpus=sp.read_cpus,
                         compute=ray.data.TaskPoolStrategy(size=sp.read_tasks))
-    ds = ds.map_batches(decode_task, fn_kwargs={"plan": plan}, batch_size=1, batch_format="pyarrow",
-                        num_cpus=sp.decode_cpus, memory=decode_task_memory(plan))
+    # Decoders are a fixed pool of actors, one per decode slot, not tasks: Ray Data budgets a task
+    # stage's CPUs among all stages and ran ~10 of 15 decode tasks at once on a 16-core GPU machine;
+    # a sized actor pool holds its CPUs for the whole run, and each process imports torch/open_clip once.
+    ds = ds.map_batches(DecodeStage, fn_constructor_kwargs={"plan": plan}, batch_size=1, batch_format="pyarrow",
+                        num_cpus=sp.decode_cpus, memory=decode_task_memory(plan),
+                        compute=ray.data.ActorPoolStrategy(size=sp.decode_slots))
     return ds.map_batches(
         EncodeStage, fn_constructor_kwargs={"plan": plan, "device": "cuda" if sp.use_gpu else "cpu",
                                             "threads": sp.model_threads},
@@ -187,7 +191,7 @@ def build_dataset(pending: list[Path], plan: Plan, sp: StagePlan):
 
 
 def decode_task_memory(plan: Plan) -> int:
-    """Bytes a decode task reserves: the worker with torch and open_clip imported (~600 MB), plus a
+    """Bytes a decode actor reserves: the worker with torch and open_clip imported (~600 MB), plus a
     chunk's encoded images (~256 KB each at most) and its arrays, twice.
 
     Reserving memory also keeps decoding apart from the model actor: Ray fuses a task map into the
