@@ -1,7 +1,7 @@
 """Pipeline throughput (pairs/s) against two ceilings measured in the same run.
 
     .venv/bin/python benchmarks/pipeline.py                      # world shards, world-rn-s + world-rn-l, CPU
-    .venv/bin/python benchmarks/pipeline.py --datacomp-like 100000 --shard-size 1000 --models vit-b-32 --device cuda
+    .venv/bin/python benchmarks/pipeline.py --datacomp-like 20000 --copies 15 --models vit-b-32 --device cuda
 
 (a) model ceiling: the same models and heads (pipeline.encoders.Encoder) encoding already-decoded
     arrays in a plain loop on the same device, batch for batch as the pipeline feeds them (host ->
@@ -16,8 +16,9 @@ so apart, whatever else the machine is doing. The ratio that matters is pipeline
 medians of the per-repeat ratios over --repeats, after one untimed warm-up
 run (Ray's worker processes started, imports done). Each run also reports its rate after its
 first shard was written (start-up excluded) and Ray Data's per-operator stats. Use enough data
-that start-up (worker imports, model load: seconds) is small against the run: on a 16-core GPU
-machine 100k DataComp-like samples decode in about half a minute. Results are merged into
+that start-up (worker imports, model load: about 17 s on a 16-core GPU machine) is small against the
+run: --copies K feeds the pipeline every shard K times (the ceilings' rates are per image, so they
+measure the distinct shards once), which is cheaper than writing K times as many images. Results are merged into
 benchmarks/results/pipeline.json under a key naming device, models and data.
 
 --datacomp-like N writes N DataComp-like samples (256-512 px photo-like JPEGs, 4-20 word captions,
@@ -102,6 +103,20 @@ def _write_datacomp_like_shard(job: tuple[str, int, int, int]) -> None:
                     "original_width": int(w * rng.uniform(1, 4)), "original_height": int(h * rng.uniform(1, 4)),
                     "sha256": hashlib.sha256(jpeg).hexdigest()}
             writer.add(formats.sample_key(shard, row), jpeg, caption, meta)
+
+
+def linked_copies(folder: Path, shard_paths: list[Path], copies: int) -> Path:
+    """FOLDER-xK: K symbolic links to every shard (tar, stats, status parquet), numbered on."""
+    out = folder.parent / f"{folder.name}-x{copies}"
+    out.mkdir(exist_ok=True)
+    n = len(shard_paths)
+    for k in range(copies):
+        for j, path in enumerate(shard_paths):
+            for suffix in (".tar", "_stats.json", ".parquet"):
+                src, dst = path.with_name(path.stem + suffix), out / f"{k * n + j:08d}{suffix}"
+                if src.exists() and not dst.exists():
+                    dst.symlink_to(src.resolve())
+    return out
 
 
 # ---------------------------------------------------------------- ceilings
@@ -248,6 +263,8 @@ def main() -> None:
     p.add_argument("--jpeg-draft", action="store_true",
                    help="jpeg_draft=true in the pipeline and the decode ceiling alike (reduced-scale JPEG decoding)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--copies", type=int, default=1, metavar="K",
+                   help="the pipeline reads every shard K times (links): a K-times longer job, same images")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the untimed pipeline run that starts Ray's workers before the repeats")
     p.add_argument("--ceiling-rows", type=int, default=4096, help="decoded rows the model ceiling loops over")
@@ -274,7 +291,9 @@ def main() -> None:
     else:
         shards_dir = world_shards(args.world, args.world_pairs)
         data_name = "world" if args.world else f"world-{args.world_pairs}"
-    shard_paths = formats.list_shards(shards_dir)
+    shard_paths = formats.list_shards(shards_dir)  # the ceilings measure these
+    if args.copies > 1:  # the pipeline reads each shard K times (links), to amortise its start-up
+        shards_dir, data_name = linked_copies(shards_dir, shard_paths, args.copies), f"{data_name}-x{args.copies}"
     names = MODEL_SETS.get(args.models) or dict(item.split("=", 1) for item in args.models.split(","))
     models = {n: ModelSpec(a, "") for n, a in names.items()}
     heads = {f"clip_{n}_similarity_score": HeadSpec("clip_score", n) for n in models}
@@ -334,7 +353,7 @@ def main() -> None:
                     "load_average_1_5_15min": {"start": load_before, "end": os.getloadavg()},
                     "ray_object_store_gib": round(object_store / 2**30, 1),
                     "dev_shm_gib": round(shutil.disk_usage("/dev/shm").total / 2**30, 1) if os.path.isdir("/dev/shm") else None},
-        "setup": {"shards": len(shard_paths), "models": names, "precision": precision, "batch_size": args.batch_size,
+        "setup": {"shards": len(shard_paths), "copies": args.copies, "models": names, "precision": precision, "batch_size": args.batch_size,
                   "model_threads": args.model_threads or "default", "repeats": args.repeats, "warmup_run": args.warmup,
                   "jpeg_draft": args.jpeg_draft, "ray": vars(ray_cfg)},
         "pipeline": {"repeats": [{k: v for k, v in r.items() if k != "out"} for r in repeats],

@@ -16,7 +16,9 @@ import yaml
 
 T = TypeVar("T")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/ beside the package in a source checkout; installed (non-editable) it ships as clipsift/configs
+_HERE = Path(__file__).resolve().parent
+CONFIG_DIR = next((d for d in (_HERE.parent / "configs", _HERE / "configs") if d.is_dir()), _HERE.parent / "configs")
 
 
 class ConfigError(ValueError):
