@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from clipsift import shards
-from clipsift.pipeline.encoders import Plan, split_transform, tokenizer_for
+from clipsift.eval.models import tokenizer
+from clipsift.pipeline.encoders import Plan, split_transform
 
 _LIST_STR = pa.list_(pa.string())
 _LIST_INT = pa.list_(pa.int64())
@@ -112,9 +113,14 @@ class DecodeStage:
     def __init__(self, plan: Plan):
         one_thread()
         self.plan = plan
+        # imports and tokenizers now, while the other actors start and the first shards are read
+        self.setup_s = prepare(plan)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.concat_tables([decode_chunk(batch.slice(i, 1), self.plan) for i in range(batch.num_rows)])
+        tables = [decode_chunk(batch.slice(i, 1), self.plan, self.setup_s if i == 0 else 0.0)
+                  for i in range(batch.num_rows)]
+        self.setup_s = 0.0  # reported once, with this actor's first chunk
+        return pa.concat_tables(tables)
 
 
 def one_thread() -> None:
@@ -137,7 +143,7 @@ def prepare(plan: Plan) -> float:
     for p in plan.images:
         split_transform(p.cfg_json)
     for t in plan.texts:
-        tokenizer_for(t.open_clip_name)(["warm up"])  # the first call compiles patterns and fills caches
+        tokenizer(t.open_clip_name)(["warm up"])  # the first call compiles patterns and fills caches
     _PREPARED.add(key)
     return time.perf_counter() - t0
 
@@ -145,14 +151,14 @@ def prepare(plan: Plan) -> float:
 _PREPARED: set[tuple[str, ...]] = set()
 
 
-def decode_chunk(row: pa.Table, plan: Plan) -> pa.Table:
+def decode_chunk(row: pa.Table, plan: Plan, setup_s: float = 0.0) -> pa.Table:
     """Decode and preprocess one chunk row: image and token blobs replace the encoded images.
 
     Timings it adds: decode_s (wall) and decode_cpu_s (this process's CPU) of the chunk's work,
     decode_start (epoch seconds, to see how many decode tasks overlapped), decode_setup_s (one-off
     per process, see prepare) and decoded (images attempted).
     """
-    setup_s = prepare(plan)
+    setup_s += prepare(plan)
     t0, c0, start = time.perf_counter(), time.process_time(), time.time()
     r = row.to_pylist()[0]
     sample_records = [i for i, reason in enumerate(r["reasons"]) if not reason]
@@ -179,7 +185,7 @@ def decode_chunk(row: pa.Table, plan: Plan) -> pa.Table:
     for p in plan.images:
         cols[p.key] = blob(pixels[p.key][:len(kept)])
     for t in plan.texts:
-        toks = tokenizer_for(t.open_clip_name)(texts).numpy() if kept else np.zeros((0, t.context_length))
+        toks = tokenizer(t.open_clip_name)(texts).numpy() if kept else np.zeros((0, t.context_length))
         cols[t.key] = blob(toks.astype(np.int32))
     cols["read_s"], cols["read_at"] = row.column("read_s"), row.column("read_at")
     cols["decode_s"] = pa.array([time.perf_counter() - t0], pa.float64())

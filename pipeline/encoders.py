@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipsift.eval.models import ModelSpec, ensure_arch, file_sha256, load_model, resolve_pretrained, weights_id
+from clipsift.eval.models import ModelSpec, ensure_arch, file_sha256, load_model, resolve_pretrained, tokenizer, weights_id
 from clipsift.pipeline.heads import HeadSpec, build_heads, run_heads
 
 _TO_TENSOR = ("ToTensor", "MaybeToTensor")
@@ -118,9 +118,9 @@ def make_plan(models: dict[str, ModelSpec], heads: dict[str, HeadSpec], *, batch
         cfg_json = json.dumps(pp, sort_keys=True, default=list)
         _, _, (h, w) = split_transform(cfg_json, mean, std)  # checks the transform is one we can cut
         image = images.setdefault(cfg_json, ImagePrep(f"img{len(images)}", cfg_json, (h, w, 3)))
-        tokenizer = open_clip.get_tokenizer(oc_name)
-        ctx = int(getattr(tokenizer, "context_length", 0) or model.context_length)
-        sig = _tokenizer_signature(tokenizer, oc_name, ctx)
+        tok = tokenizer(oc_name)
+        ctx = int(getattr(tok, "context_length", 0) or model.context_length)
+        sig = _tokenizer_signature(tok, oc_name, ctx)
         text = texts.setdefault(sig, TextPrep(f"tok{len(texts)}", oc_name, ctx))
         del model
         plans.append(ModelPlan(name, oc_name, pretrained, image.key, text.key, mean, std, _weights(spec, oc_name, seed)))
@@ -162,14 +162,6 @@ def split_transform(cfg_json: str, mean: tuple[float, ...] = (0.0,), std: tuple[
         raise PlanError(f"unsupported eval transform {steps}: expected PIL steps, ToTensor, Normalize")
     size = cfg.size if isinstance(cfg.size, (tuple, list)) else (cfg.size, cfg.size)
     return T.Compose(steps[:cut]), rest[0], (int(size[0]), int(size[1]))
-
-
-@lru_cache(maxsize=None)
-def tokenizer_for(open_clip_name: str):
-    import open_clip
-
-    ensure_arch(open_clip_name)
-    return open_clip.get_tokenizer(open_clip_name)
 
 
 # ---------------------------------------------------------------- device side (the model stage)

@@ -430,3 +430,21 @@ def test_embed_task_images_gives_one_unit_vector_per_train_image(ci_world):
     stats = json.loads((ci_world / "stats.json").read_text())["tasks"]
     assert emb.shape == (stats["shapes"]["train"] + stats["retrieval"]["train"], 128)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+
+
+def test_tokenizer_shortcut_gives_open_clips_tokens_on_world_and_web_captions(ci_world):
+    import open_clip
+    import pyarrow.parquet as pq
+
+    from clipsift.eval.models import tokenizer
+
+    world_texts = [t for p in sorted((ci_world / "pool" / "metadata").glob("*.parquet"))
+                   for t in pq.read_table(p, columns=["text"]).column("text").to_pylist() if t is not None]
+    web = ["  IMG_0412.JPG ", "Fish &amp; Chips", "tom &amp;amp; jerry", "caf\u00c3\u00a9 au lait", "na\u00efve caf\u00e9",
+           "line\r\nbreak", "tab\tseparated", "\u201ccurly\u201d quotes", "\ufb01ne ligature", "<b>bold</b> &lt;3",
+           "\x1b[31mred\x1b[0m", "emoji \U0001f600", "", "   ", "A  LOT   of    SPACE", "don't stop", "\u4e2d\u6587 text"]
+    for arch in ("world-rn-s", "ViT-B-32"):
+        ours, theirs = tokenizer(arch), open_clip.get_tokenizer(arch)
+        assert ours.clean_fn is not theirs.clean_fn  # the shortcut is in place
+        texts = world_texts[:2000] + web
+        assert torch.equal(ours(texts), theirs(texts)), arch

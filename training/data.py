@@ -20,7 +20,6 @@ Unusable samples are counted by read_shard's reasons plus CORRUPT_IMAGE (decode 
 """
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import warnings
@@ -35,6 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from clipsift import formats, shards
+from clipsift.eval.models import tokenizer
 from clipsift.runlog import Counts
 
 log = logging.getLogger("clipsift.training")
@@ -127,15 +127,6 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         img = TF.center_crop(TF.resize(img, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True),
                              [size, size])
     return img.numpy()
-
-
-@functools.lru_cache(maxsize=4)
-def tokenizer(model: str):
-    from clipsift.training.models import register_model_configs
-    import open_clip
-
-    register_model_configs()
-    return open_clip.get_tokenizer(model)
 
 
 @dataclass
