@@ -263,6 +263,8 @@ def main() -> None:
     p.add_argument("--jpeg-draft", action="store_true",
                    help="jpeg_draft=true in the pipeline and the decode ceiling alike (reduced-scale JPEG decoding)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--image-decode", default="cpu", choices=["cpu", "device"],
+                   help="the pipeline's image_decode (the decode ceiling is the CPU pool either way)")
     p.add_argument("--copies", type=int, default=1, metavar="K",
                    help="the pipeline reads every shard K times (links): a K-times longer job, same images")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
@@ -315,7 +317,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir="runs/bench") as tmp:
             cfg_args = dict(input=str(shards_dir), models=models, heads=heads, allow_random_weights=True,
                             batch_size=args.batch_size, device=args.device, precision=precision, progress=False,
-                            jpeg_draft=args.jpeg_draft, ray=ray_cfg)
+                            jpeg_draft=args.jpeg_draft, image_decode=args.image_decode, ray=ray_cfg)
             if args.warmup:  # leaves Ray's workers started with their imports done, as in a long job
                 pipeline_run(cfg_args, Path(tmp) / "warmup", "warm-up")
             for r in range(args.repeats):  # the ceilings beside each run: other jobs on the machine come and go
@@ -345,7 +347,8 @@ def main() -> None:
     cpu_ms = statistics.median(r["decode"]["cpu_ms_per_image"] for r in repeats)
     ceiling_cpu_ms = statistics.median(r["decode_ceiling"]["cpu_ms_per_image"] for r in repeats)
     goal = 0.8 if device == "cuda" else 0.5
-    key = "-".join([device, args.models, data_name] + (["draft"] if args.jpeg_draft else []) + args.ray)
+    key = "-".join([device, args.models, data_name] + (["draft"] if args.jpeg_draft else []) +
+                   (["device-decode"] if args.image_decode == "device" else []) + args.ray)
     result = {
         "machine": {"cpus": cpus,
                     "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
@@ -355,7 +358,7 @@ def main() -> None:
                     "dev_shm_gib": round(shutil.disk_usage("/dev/shm").total / 2**30, 1) if os.path.isdir("/dev/shm") else None},
         "setup": {"shards": len(shard_paths), "copies": args.copies, "models": names, "precision": precision, "batch_size": args.batch_size,
                   "model_threads": args.model_threads or "default", "repeats": args.repeats, "warmup_run": args.warmup,
-                  "jpeg_draft": args.jpeg_draft, "ray": vars(ray_cfg)},
+                  "jpeg_draft": args.jpeg_draft, "image_decode": args.image_decode, "ray": vars(ray_cfg)},
         "pipeline": {"repeats": [{k: v for k, v in r.items() if k != "out"} for r in repeats],
                      "median_rows_per_s": pipe},
         "median_model_ceiling_rows_per_s": a_med, "median_decode_ceiling_rows_per_s": b_med,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import mmap
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,6 +321,12 @@ def _finish(key: str, members: dict[str, bytes]) -> Record:
     except UnicodeDecodeError as e:
         return Skip(key, BAD_TEXT, str(e)[:200], uid=uid)
     return Sample(key=key, uid=uid, image=image, text=text, meta=meta)
+
+
+def describe_error(e: Exception) -> str:
+    """A skip's detail from an exception: its type and message, without the object addresses PIL puts
+    in messages ("<_io.BytesIO object at 0x...>"), so stats and markers are the same every run."""
+    return re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", f"{type(e).__name__}: {e}")[:200]
 
 
 def read_stats(folder: str | Path, shard: int) -> dict[str, Any] | None:

@@ -11,7 +11,6 @@ DataLoader workers split the shards (worker w reads shards w, w + n, ...). Every
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Union
@@ -75,7 +74,7 @@ class TaskShards(IterableDataset):
         try:
             tensor = decode_image(image, self.transform)
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-            return Skip(key, shards.CORRUPT_IMAGE, _describe(e))
+            return Skip(key, shards.CORRUPT_IMAGE, shards.describe_error(e))
         return Example(key, tensor, target)
 
     def label(self, key: str, members: dict[str, bytes]) -> int | Skip:
@@ -106,11 +105,6 @@ def decode_image(data: bytes, transform: Callable) -> torch.Tensor:
         im.load()  # decode fully now, so a truncated file fails here and not inside the transform
         rgb = im.convert("RGB")
     return transform(rgb)
-
-
-def _describe(e: Exception) -> str:
-    # PIL names the in-memory file by its address; drop it so stats.json is the same every run.
-    return re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", f"{type(e).__name__}: {e}")[:200]
 
 
 def collate(items: list[tuple[Order, Example | Skip]]) -> Batch:

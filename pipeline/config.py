@@ -72,6 +72,10 @@ class EmbedConfig(RunConfig):
     # decode JPEGs at 1/2, 1/4 or 1/8 scale when that still covers the model's input (PIL draft):
     # faster on large images, but pixels differ slightly from open_clip's own preprocessing
     jpeg_draft: bool = False
+    # where JPEGs are decoded: "cpu" (decode tasks, PIL: exactly open_clip's preprocessing) or
+    # "device" (the model stage, nvJPEG on a GPU: for GPU machines whose CPUs cannot keep up;
+    # pixels differ from PIL's by rounding)
+    image_decode: Literal["cpu", "device"] = "cpu"
     normalize: bool = True  # store L2-normalised embeddings (scores are cosines either way)
     on_missing_stats: Literal["error", "process"] = "error"  # a shard without _stats.json may be incomplete
 

@@ -154,6 +154,10 @@ _PREPARED: set[tuple[str, ...]] = set()
 def decode_chunk(row: pa.Table, plan: Plan, setup_s: float = 0.0) -> pa.Table:
     """Decode and preprocess one chunk row: image and token blobs replace the encoded images.
 
+    With image_decode=device only the captions are tokenised here; the encoded images travel on to
+    the model stage, which decodes them (pipeline.device_decode) and drops failures with
+    drop_failed, as this function does.
+
     Timings it adds: decode_s (wall) and decode_cpu_s (this process's CPU) of the chunk's work,
     decode_start (epoch seconds, to see how many decode tasks overlapped), decode_setup_s (one-off
     per process, see prepare) and decoded (images attempted).
@@ -161,28 +165,22 @@ def decode_chunk(row: pa.Table, plan: Plan, setup_s: float = 0.0) -> pa.Table:
     setup_s += prepare(plan)
     t0, c0, start = time.perf_counter(), time.process_time(), time.time()
     r = row.to_pylist()[0]
-    sample_records = [i for i, reason in enumerate(r["reasons"]) if not reason]
-    pixels = {p.key: np.empty((len(r["encoded"]), *p.shape), np.uint8) for p in plan.images}
-    kept = []
-    for j, data in enumerate(r["encoded"]):
-        arrays, error = decode_image(data, plan)
-        if error:  # the record becomes a skip; its metadata is dropped below
-            r["reasons"][sample_records[j]] = shards.CORRUPT_IMAGE
-            r["details"][sample_records[j]] = error
-            continue
+    on_device = plan.image_decode == "device"
+    errors = [""] * len(r["encoded"])
+    pixels = {p.key: np.empty((len(r["encoded"]), *p.shape), np.uint8) for p in plan.images} if not on_device else {}
+    n_ok = 0
+    for j, data in enumerate(r["encoded"] if not on_device else ()):
+        arrays, errors[j] = decode_image(data, plan)
         for key, a in arrays.items():
-            pixels[key][len(kept)] = a
-        kept.append(j)
+            pixels[key][n_ok] = a
+        n_ok += not errors[j]
+    kept = mark_failed(r, errors)
     texts = [r["text"][j] for j in kept]
-    cols: dict[str, pa.Array] = {
-        "shard": row.column("shard"), "chunk": row.column("chunk"), "last": row.column("last"),
-        "keys": row.column("keys"),
-        "reasons": pa.array([r["reasons"]], _LIST_STR),
-        "details": pa.array([r["details"]], _LIST_STR),
-        **{name: pa.array([[r[name][j] for j in kept]], kind) for name, kind in SAMPLE_COLUMNS.items()},
-        "notes": row.column("notes"),
-    }
-    for p in plan.images:
+    cols = {"shard": row.column("shard"), "chunk": row.column("chunk"), "last": row.column("last"),
+            "keys": row.column("keys"), **sample_columns(r, kept), "notes": row.column("notes")}
+    if on_device:
+        cols["encoded"] = row.column("encoded")
+    for p in plan.images if not on_device else ():
         cols[p.key] = blob(pixels[p.key][:len(kept)])
     for t in plan.texts:
         toks = tokenizer(t.open_clip_name)(texts).numpy() if kept else np.zeros((0, t.context_length))
@@ -192,8 +190,36 @@ def decode_chunk(row: pa.Table, plan: Plan, setup_s: float = 0.0) -> pa.Table:
     cols["decode_cpu_s"] = pa.array([time.process_time() - c0], pa.float64())
     cols["decode_start"] = pa.array([start], pa.float64())
     cols["decode_setup_s"] = pa.array([setup_s], pa.float64())
-    cols["decoded"] = pa.array([len(r["encoded"])], pa.int64())
+    cols["decoded"] = pa.array([len(r["encoded"]) if not on_device else 0], pa.int64())
     return pa.table(cols)
+
+
+def mark_failed(r: dict[str, Any], errors: list[str]) -> list[int]:
+    """Turn each sample of chunk row `r` (as a dict) whose image failed into a corrupt_image skip
+    with its error as detail; the indices of the samples kept."""
+    sample_records = [i for i, reason in enumerate(r["reasons"]) if not reason]
+    for j, error in enumerate(errors):
+        if error:
+            r["reasons"][sample_records[j]] = shards.CORRUPT_IMAGE
+            r["details"][sample_records[j]] = error
+    return [j for j, error in enumerate(errors) if not error]
+
+
+def sample_columns(r: dict[str, Any], kept: list[int]) -> dict[str, pa.Array]:
+    """The row's reasons and details, and its per-sample columns for the kept samples only."""
+    return {"reasons": pa.array([r["reasons"]], _LIST_STR), "details": pa.array([r["details"]], _LIST_STR),
+            **{name: pa.array([[r[name][j] for j in kept]], kind) for name, kind in SAMPLE_COLUMNS.items()}}
+
+
+def drop_failed(row: pa.Table, errors: list[str], plan: Plan) -> pa.Table:
+    """A decoded chunk row without the samples whose image failed on the device (see mark_failed)."""
+    r = {name: row.column(name)[0].as_py() for name in ("reasons", "details", *SAMPLE_COLUMNS)}
+    kept = mark_failed(r, errors)
+    new = sample_columns(r, kept)
+    for t in plan.texts:
+        toks = np.frombuffer(row.column(t.key)[0].as_buffer(), np.int32).reshape(-1, t.context_length)
+        new[t.key] = blob(toks[kept])
+    return pa.table({name: new.get(name, row.column(name)) for name in row.column_names})
 
 
 def blob(arr: np.ndarray) -> pa.Array:
@@ -219,4 +245,4 @@ def decode_image(data: bytes, plan: Plan) -> tuple[dict[str, np.ndarray], str]:
                 out[p.key] = arr
             return out, ""
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        return {}, f"{type(e).__name__}: {e}"[:200]
+        return {}, shards.describe_error(e)

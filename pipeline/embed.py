@@ -20,7 +20,8 @@ import pyarrow as pa
 
 from clipsift import config, formats, shards
 from clipsift.pipeline.config import EmbedConfig
-from clipsift.pipeline.decode import DecodeStage, read_task
+from clipsift.pipeline.decode import DecodeStage, drop_failed, read_task
+from clipsift.pipeline.device_decode import decode_on_device
 from clipsift.pipeline.encoders import Encoder, Plan, make_plan
 from clipsift.pipeline.output import finished, output_schema, run_stats, summary_table, write_outputs
 from clipsift.pipeline.raysession import StagePlan, ray_session, stage_plan
@@ -40,7 +41,7 @@ def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
     expected = expected_rows(shard_paths, cfg.on_missing_stats)
     plan = make_plan(cfg.models, cfg.heads, batch_size=cfg.batch_size, normalize=cfg.normalize,
                      precision=cfg.precision, seed=cfg.seed, allow_random_weights=cfg.allow_random_weights,
-                     jpeg_draft=cfg.jpeg_draft)
+                     jpeg_draft=cfg.jpeg_draft, image_decode=cfg.image_decode)
     fingerprint = plan.fingerprint()
     stems = [p.stem for p in shard_paths]
     done_before = finished(out, shard_paths, fingerprint)
@@ -213,13 +214,20 @@ class EncodeStage:
         self.plan = plan
         self.encoder = Encoder(plan, device)
         self.dims = self.encoder.embedding_dims()
+        self._pixels: dict[int, dict] = {}  # image_decode=device: a call's decoded chunks by row
+        self._decode_s: dict[int, float] = {}
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        blobs = [p.key for p in self.plan.images] + [t.key for t in self.plan.texts]
+        on_device = self.plan.image_decode == "device"
+        if on_device:  # decode first: failed images leave their rows (and get their skip reasons)
+            table = pa.concat_tables([self._decode_on_device(table.slice(i, 1)) for i in range(table.num_rows)])
+        blobs = ["encoded"] if on_device else [p.key for p in self.plan.images]
+        blobs += [t.key for t in self.plan.texts]
         new: dict[str, list] = {"model_s": []}
         for i in range(table.num_rows):
             t0 = time.perf_counter()
-            images = {p.key: _array(table, p.key, i, np.uint8, p.shape) for p in self.plan.images}
+            images = self._pixels.pop(i) if on_device else {
+                p.key: _array(table, p.key, i, np.uint8, p.shape) for p in self.plan.images}
             tokens = {t.key: _array(table, t.key, i, np.int32, (t.context_length,)) for t in self.plan.texts}
             n = len(table.column("uid")[i])
             if n:
@@ -232,13 +240,22 @@ class EncodeStage:
                     new.setdefault(f"{prefix}:{k}", []).append(v.tobytes())
             for k, d in self.dims.items():
                 new.setdefault(f"dim:{k}", []).append(d)
-            new["model_s"].append(time.perf_counter() - t0)
+            new["model_s"].append(time.perf_counter() - t0 + (self._decode_s.pop(i) if on_device else 0.0))
         table = table.drop_columns(blobs)
         for name, values in new.items():
             kind = pa.large_binary() if name.startswith(("emb:", "score:")) else (
                 pa.int64() if name.startswith("dim:") else pa.float64())
             table = table.append_column(name, pa.array(values, kind))
         return table
+
+
+    def _decode_on_device(self, row: pa.Table) -> pa.Table:
+        """Decode one chunk row's images on the device; its row without the images that failed."""
+        t0 = time.perf_counter()
+        images, errors = decode_on_device(row.column("encoded")[0].as_py(), self.plan, self.encoder.device)
+        i = len(self._pixels)
+        self._pixels[i], self._decode_s[i] = images, time.perf_counter() - t0
+        return drop_failed(row, errors, self.plan) if any(errors) else row
 
 
 def _array(table: pa.Table, column: str, row: int, dtype, shape: tuple[int, ...]) -> np.ndarray:

@@ -70,6 +70,7 @@ class Plan:
     precision: str
     seed: int
     jpeg_draft: bool = False  # decode JPEGs at a reduced scale that still covers the model input (PIL draft)
+    image_decode: str = "cpu"  # "device": the model stage decodes JPEGs (pipeline.device_decode)
     score_columns: list[str] = field(default_factory=list)
 
     def embedding_names(self) -> list[str]:
@@ -83,6 +84,8 @@ class Plan:
                "seed": self.seed}
         if self.jpeg_draft:  # absent when off, so outputs written before the option existed stay valid
             doc["jpeg_draft"] = True
+        if self.image_decode != "cpu":
+            doc["image_decode"] = self.image_decode
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -96,7 +99,8 @@ def open_clip_source(spec: ModelSpec) -> tuple[str, str]:
 
 
 def make_plan(models: dict[str, ModelSpec], heads: dict[str, HeadSpec], *, batch_size: int, normalize: bool,
-              precision: str, seed: int, allow_random_weights: bool, jpeg_draft: bool = False) -> Plan:
+              precision: str, seed: int, allow_random_weights: bool, jpeg_draft: bool = False,
+              image_decode: str = "cpu") -> Plan:
     """Probe each model's preprocessing and tokenizer (architecture only, weights stay on disk)."""
     import open_clip
 
@@ -125,7 +129,15 @@ def make_plan(models: dict[str, ModelSpec], heads: dict[str, HeadSpec], *, batch
         del model
         plans.append(ModelPlan(name, oc_name, pretrained, image.key, text.key, mean, std, _weights(spec, oc_name, seed)))
     plan = Plan(plans, list(images.values()), list(texts.values()), dict(heads), batch_size, normalize,
-                precision, seed, jpeg_draft)
+                precision, seed, jpeg_draft, image_decode)
+    if image_decode == "device":
+        from clipsift.pipeline.device_decode import check_device_decodable
+
+        if jpeg_draft:
+            raise PlanError("jpeg_draft applies to CPU decoding; with image_decode=device leave it off")
+        check_device_decodable(plan.images)
+    elif image_decode != "cpu":
+        raise PlanError(f"image_decode={image_decode!r}: expected cpu or device")
     plan.score_columns = list(build_heads(heads, plan.embedding_names()))  # checks every head's inputs
     return plan
 
@@ -198,7 +210,8 @@ class Encoder:
     @torch.no_grad()
     def encode(self, images: dict[str, np.ndarray],
                tokens: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """uint8 (n, H, W, 3) images and int (n, L) tokens by key -> float16 embeddings, float32 scores.
+        """uint8 (n, H, W, 3) images (arrays, or tensors on the device) and int (n, L) tokens by key ->
+        float16 embeddings, float32 scores.
 
         Heads see the float16-rounded embeddings (as float32), exactly what the npz stores, so
         metadata mode recomputes the same scores from the files.
@@ -206,7 +219,8 @@ class Encoder:
         dev = self.device
         with warnings.catch_warnings():  # the arrays view Ray's read-only buffers; nothing writes to them
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            pixels = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev, non_blocking=True) for k, v in images.items()}
+            pixels = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)).to(dev, non_blocking=True)
+                      for k, v in images.items()}
             toks = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev, non_blocking=True).long() for k, v in tokens.items()}
         embs: dict[str, torch.Tensor] = {}
         with torch.autocast(dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):

@@ -482,3 +482,62 @@ def test_jpeg_draft_decodes_close_to_full_decoding(models):
     for key in full:
         assert small[key].shape == full[key].shape
         assert np.abs(small[key].astype(int) - full[key].astype(int)).mean() < 3.0
+
+
+# ---------------------------------------------------------------- image_decode=device
+def _photo(w: int, h: int, seed: int, fmt: str = "JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    field = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    noisy = np.asarray(field, np.float32) + rng.normal(0, 4, (h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buf, format=fmt, quality=90)
+    return buf.getvalue()
+
+
+def test_device_decoding_matches_cpu_decoding_and_names_the_same_failures(models):
+    """decode_on_device (run here on the CPU, the same code nvJPEG runs on a GPU): pixels within
+    rounding of the PIL path for JPEGs of any size and shape, PNGs through PIL exactly, and a
+    truncated or fake JPEG refused with the CPU path's own error."""
+    from clipsift.pipeline.decode import decode_image
+    from clipsift.pipeline.device_decode import decode_on_device
+    from clipsift.pipeline.encoders import make_plan
+
+    plan = make_plan(models, {}, batch_size=8, normalize=True, precision="fp32", seed=0, allow_random_weights=False,
+                     image_decode="device")
+    good = [_photo(400, 300, 0), _photo(97, 203, 1), _photo(64, 64, 2), _photo(640, 120, 3)]
+    png = _photo(150, 100, 4, "PNG")
+    inputs = [good[0], good[0][:len(good[0]) // 2], good[1], png, b"\xff\xd8\xff not a jpeg", good[2], good[3]]
+    images, errors = decode_on_device(inputs, plan, torch.device("cpu"))
+    cpu = [decode_image(d, plan) for d in inputs]
+    assert errors == [e for _, e in cpu]
+    assert [bool(e) for e in errors] == [False, True, False, False, True, False, False]
+    ok = [a for a, e in cpu if not e]
+    for p in plan.images:
+        assert images[p.key].dtype == torch.uint8 and images[p.key].shape == (5, *p.shape)
+        for i, arrays in enumerate(ok):
+            diff = np.abs(images[p.key][i].numpy().astype(int) - arrays[p.key].astype(int))
+            if i == 2:  # the PNG: decoded by PIL, identical
+                assert diff.max() == 0
+            else:
+                assert diff.mean() < 2.0, (p.key, i, diff.mean())
+
+
+def test_device_decoding_pipeline_keeps_the_same_rows_and_close_embeddings(ci_world, bad_pool, models, embedded,
+                                                                           ray_local, tmp_path):
+    from clipsift.pipeline.embed import run_embed
+
+    cfg, stats = embedded
+    dev_cfg = embed_config(ci_world / "pool" / "shards", tmp_path / "dev", models, image_decode="device")
+    dev_stats = run_embed(dev_cfg, echo=quiet)
+    assert {s: m["skipped"] for s, m in dev_stats["shards"].items()} == {s: m["skipped"] for s, m in stats["shards"].items()}
+    table, arrays = output_tables(cfg.out)
+    dev_table, dev_arrays = output_tables(dev_cfg.out)
+    assert dev_table.column("uid").to_pylist() == table.column("uid").to_pylist()
+    for k in EMBEDDINGS:
+        cos = (arrays[k].astype(np.float32) * dev_arrays[k].astype(np.float32)).sum(1)
+        assert np.median(cos) > 0.995 and cos.min() > 0.95, k
+    assert markers(dev_cfg.out)["00000000"]["fingerprint"] != markers(cfg.out)["00000000"]["fingerprint"]
+    bad = run_embed(embed_config(bad_pool, tmp_path / "bad", models, batch_size=2, on_missing_stats="process",
+                                 image_decode="device"), echo=quiet)
+    assert bad["shards"]["00000000"]["skipped"] == {shards.CORRUPT_IMAGE: 1, shards.DUPLICATE_KEY: 1}
+    assert bad["shards"]["00000000"]["rows_out"] == 2
