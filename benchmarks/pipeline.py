@@ -223,8 +223,8 @@ def pipeline_run(cfg_args: dict, out: Path, label: str) -> dict:
     print(f"  pipeline {label}: {run['rows_written']} rows in {run['wall_s']:.1f} s = {run['rows_per_s']:.0f} rows/s, "
           f"{run['steady_rows_per_s']} rows/s after the first shard  (stage sums {stats['shard_timings_s']})\n"
           f"    decode: {dec['mean_in_flight']} tasks in flight on average (peak {dec['peak_in_flight']}, "
-          f"{dec['slots']} slots) over {dec['window_s']:.1f} s; {dec['cpu_ms_per_image']:.2f} CPU ms / "
-          f"{dec['wall_ms_per_image']:.2f} wall ms per image; process start-up {dec['setup_s']:.1f} s in all; "
+          f"{dec['slots']} slots) over {dec['window_s']:.1f} s; {dec['cpu_ms_per_image'] or 0:.2f} CPU ms / "
+          f"{dec['wall_ms_per_image'] or 0:.2f} wall ms per image (0: decoded on the device); process start-up {dec['setup_s']:.1f} s in all; "
           f"model stage busy {run['model']['busy_fraction']:.0%} of the run", flush=True)
     return {"rows": run["rows_written"], "wall_s": run["wall_s"], "rows_per_s": run["rows_per_s"],
             "steady_rows_per_s": run["steady_rows_per_s"], "timeline": run["timeline"],
@@ -344,7 +344,7 @@ def main() -> None:
     steady_ratio = statistics.median(steady) if steady else None
     meta_rate = statistics.median(r["rows_per_s"] for r in meta)
     in_flight = statistics.median(r["decode"]["mean_in_flight"] or 0 for r in repeats)
-    cpu_ms = statistics.median(r["decode"]["cpu_ms_per_image"] for r in repeats)
+    cpu_ms = statistics.median(r["decode"]["cpu_ms_per_image"] or 0 for r in repeats)
     ceiling_cpu_ms = statistics.median(r["decode_ceiling"]["cpu_ms_per_image"] for r in repeats)
     goal = 0.8 if device == "cuda" else 0.5
     key = "-".join([device, args.models, data_name] + (["draft"] if args.jpeg_draft else []) +

@@ -116,13 +116,13 @@ def stage_profile(chunks: list[dict[str, float]], stages: dict[str, Any], epoch_
     for _, step in events:
         running += step
         peak = max(peak, running)
-    per_image = 1000 / max(images, 1)
+    per_image = 1000 / images if images else None  # image_decode=device: decode tasks only tokenise
     model_busy = sum(c["model_s"] for c in chunks)
     return {
         "first_chunk_read_s": round(min(c["read_at"] for c in chunks) - epoch_start, 3),
         "decode": {"images": images, "chunks": len(chunks), "slots": stages["decode_slots"],
-                   "cpu_ms_per_image": round(sum(c["decode_cpu_s"] for c in chunks) * per_image, 3),
-                   "wall_ms_per_image": round(busy * per_image, 3),
+                   "cpu_ms_per_image": round(sum(c["decode_cpu_s"] for c in chunks) * per_image, 3) if per_image else None,
+                   "wall_ms_per_image": round(busy * per_image, 3) if per_image else None,
                    "setup_s": round(sum(c["decode_setup_s"] for c in chunks), 3),
                    "first_start_s": round(spans[0][0] - epoch_start, 3), "window_s": round(window, 3),
                    "mean_in_flight": round(busy / window, 2) if window > 0 else None, "peak_in_flight": peak},
