@@ -26,6 +26,9 @@ class RayConfig:
     # cap also bounds the CPUs Ray Data sets aside for reading (uncapped, about a third of the machine).
     read_tasks: int = 0  # read tasks at most at once (0 = one per 8 CPUs, at least 2)
     decode_cpus: float = 1.0  # CPUs each decode task reserves; decode tasks fill every CPU the rest leave
+    # decode actors (0 = as many as the CPUs left fit; with image_decode=device, where they only
+    # tokenise, as many as read tasks)
+    decode_actors: int = 0
 
 
 @dataclass

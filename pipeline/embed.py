@@ -59,7 +59,7 @@ def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
         t0 = time.perf_counter()
         with ray_session(cfg.ray, cfg.progress):
             run["ray_init_s"] = round(time.perf_counter() - t0, 3)
-            sp = stage_plan(cfg.ray, cfg.device)
+            sp = stage_plan(cfg.ray, cfg.device, tokenise_only=cfg.image_decode == "device")
             run["stages"] = vars(sp)
             ds = build_dataset(pending, plan, sp)
             for shard, chunk_rows in assembled_shards(ds):

@@ -65,9 +65,12 @@ def cluster(device: str) -> tuple[float, float, bool]:
     return cpus, gpus, device != "cpu" and gpus >= 1
 
 
-def stage_plan(rc: RayConfig, device: str) -> StagePlan:
-    """How many model actors, on what, how many read tasks, and how many decode tasks fit beside them."""
-    for key in ("model_cpus", "read_cpus", "decode_cpus", "read_tasks", "model_actors", "model_threads"):
+def stage_plan(rc: RayConfig, device: str, tokenise_only: bool = False) -> StagePlan:
+    """How many model actors, on what, how many read tasks, and how many decode tasks fit beside them.
+
+    tokenise_only (image_decode=device): the decode actors only tokenise, ~50 us a caption, so a few
+    keep up, and fewer processes importing torch and open_clip at once start the job sooner."""
+    for key in ("model_cpus", "read_cpus", "decode_cpus", "read_tasks", "model_actors", "model_threads", "decode_actors"):
         if getattr(rc, key) < 0:
             raise ResourceError(f"ray.{key}={getattr(rc, key)} must be >= 0")
     if rc.decode_cpus == 0:
@@ -86,6 +89,8 @@ def stage_plan(rc: RayConfig, device: str) -> StagePlan:
             f"(ray.decode_cpus={rc.decode_cpus:g}); the job would hang. Lower ray.model_cpus, ray.model_actors, "
             f"ray.read_tasks, ray.read_cpus or ray.decode_cpus.")
     decode_slots = int(left // rc.decode_cpus)
+    wanted = rc.decode_actors or (read_tasks if tokenise_only else decode_slots)
+    decode_slots = max(1, min(decode_slots, wanted))
     threads = rc.model_threads or max(1, math.ceil(rc.model_cpus))
     return StagePlan(use_gpu, actors, rc.model_cpus, threads, rc.read_cpus, read_tasks, rc.decode_cpus,
                      decode_slots, cpus, gpus)

@@ -430,6 +430,11 @@ def test_model_actors_never_take_every_cpu(ray_local):
     assert sp.model_actors == 1 and not sp.use_gpu and sp.model_threads == 1
     # read tasks reserve no CPU by default: every CPU but the model actor's decodes
     assert sp.read_cpus == 0 and sp.read_tasks == 2 and sp.decode_slots == int(cpus) - 1
+    # decode actors that only tokenise (image_decode=device) are as many as read tasks, if they fit
+    assert stage_plan(RayConfig(), "cpu", tokenise_only=True).decode_slots == min(2, int(cpus) - 1)
+    assert stage_plan(RayConfig(decode_actors=1), "cpu").decode_slots == 1
+    with pytest.raises(ResourceError, match="decode_actors"):
+        stage_plan(RayConfig(decode_actors=-1), "cpu")
 
 
 # ---------------------------------------------------------------- a real kill
