@@ -20,7 +20,9 @@ class RayConfig:
     num_cpus: int = 0  # local Ray only: CPUs to use (0 = every core of this machine)
     model_actors: int = 0  # model-stage actors (0 = one per GPU, or one on a CPU-only cluster)
     model_cpus: float = 1.0  # CPUs each model actor reserves; the rest decode (must leave some)
-    model_threads: int = 0  # torch threads of a CPU model actor (0 = ceil(model_cpus))
+    # torch threads of a CPU model actor (0 = every core of its node: the model is the CPU job's
+    # bound, decoding costs a small share beside it, and the OS shares the cores)
+    model_threads: int = 0
     read_cpus: float = 0.0  # CPUs each read task reserves (reading is light; see read_tasks)
     # Reading a tar costs ~5% of decoding its images: one read task keeps ~20 decode tasks busy. The
     # cap also bounds the CPUs Ray Data sets aside for reading (uncapped, about a third of the machine).

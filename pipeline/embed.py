@@ -11,6 +11,7 @@ run's. The driver writes, so outputs have stable names (the input shard's stem) 
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -209,8 +210,8 @@ class EncodeStage:
     def __init__(self, plan: Plan, device: str, threads: int):
         import torch
 
-        if device == "cpu":
-            torch.set_num_threads(threads)
+        if device == "cpu":  # Ray limits a 1-CPU actor to one thread unless told otherwise
+            torch.set_num_threads(threads or os.cpu_count() or 1)
         self.plan = plan
         self.encoder = Encoder(plan, device)
         self.dims = self.encoder.embedding_dims()

@@ -91,6 +91,6 @@ def stage_plan(rc: RayConfig, device: str, tokenise_only: bool = False) -> Stage
     decode_slots = int(left // rc.decode_cpus)
     wanted = rc.decode_actors or (read_tasks if tokenise_only else decode_slots)
     decode_slots = max(1, min(decode_slots, wanted))
-    threads = rc.model_threads or max(1, math.ceil(rc.model_cpus))
+    threads = rc.model_threads  # 0: the model actor's node's cores (EncodeStage)
     return StagePlan(use_gpu, actors, rc.model_cpus, threads, rc.read_cpus, read_tasks, rc.decode_cpus,
                      decode_slots, cpus, gpus)
