@@ -127,11 +127,7 @@ class _Constants:
 
 
 def _step_block(p, g, m0, v0, out_p, out_m, out_v, out_j, shrink: float, k: _Constants) -> None:
-    """adamw_step_with_jacobian on one block of 1-D views (the outputs are written in place).
-
-    ∂θ'/∂g = (lr/bc1) [c g u / sqrt(v) − (1−β1)] / denom with c = (1−β2)/sqrt(bc2), taken as 0·… where
-    v = 0 (then g = 0, or g² underflowed, so dividing by a clamped sqrt(v) gives the ~0 that
-    _safe_sqrt's derivative does)."""
+    """adamw_step_with_jacobian on one block of 1-D views (the outputs are written in place)."""
     hp = k.hp
     step_size = hp.lr / k.bc1
     torch.mul(m0, hp.beta1, out=out_m).add_(g, alpha=1 - hp.beta1)
@@ -139,9 +135,8 @@ def _step_block(p, g, m0, v0, out_p, out_m, out_v, out_j, shrink: float, k: _Con
     root = out_v.sqrt()
     denom = root.div(k.bc2_sqrt).add_(hp.eps)
     u = out_m.div(denom)
-    if shrink == 1.0:
-        torch.sub(p, u, alpha=step_size, out=out_p)
-    else:
-        torch.mul(p, shrink, out=out_p).sub_(u, alpha=step_size)
-    j = torch.mul(g, u, out=out_j).div_(root.clamp_min_(torch.finfo(root.dtype).tiny))
-    j.mul_((1 - hp.beta2) / k.bc2_sqrt).sub_(1 - hp.beta1).div_(denom).mul_(step_size)
+    torch.mul(p, shrink, out=out_p).sub_(u, alpha=step_size)
+    # ∂denom/∂g, 0 where v = 0 (as _safe_sqrt; there g = 0 unless g² underflowed)
+    zero = root == 0
+    ddenom = g.mul((1 - hp.beta2) / k.bc2_sqrt).div_(root.masked_fill_(zero, 1.0)).masked_fill_(zero, 0.0)
+    torch.mul(ddenom, u, out=out_j).neg_().add_(1 - hp.beta1).div_(denom).mul_(-step_size)
