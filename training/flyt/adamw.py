@@ -84,8 +84,8 @@ def adamw_step(params: Params, grads: Params, state: AdamWState, hp: AdamWHyper,
 
 
 # Elements per pass on a CPU: the Jacobian takes ~20 element-wise passes, which stream from memory
-# when each runs over a whole tensor (136 ms for world-rn-s's 6.3M parameters on a 2-core machine,
-# against 5 ms for torch's fused AdamW) and mostly from L2 over blocks this size (~60 ms).
+# when each runs over a whole tensor (~106 ms for world-rn-s's 6.3M parameters on a 2-core
+# machine, against 5 ms for torch's fused AdamW) and mostly from L2 over blocks this size (~71 ms).
 _CPU_BLOCK = 1 << 16
 
 
