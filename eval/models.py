@@ -16,9 +16,9 @@ registered with open_clip on first use, so `arch` may name them without importin
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 

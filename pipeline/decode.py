@@ -167,21 +167,22 @@ def decode_chunk(row: pa.Table, plan: Plan, setup_s: float = 0.0) -> pa.Table:
     r = row.to_pylist()[0]
     on_device = plan.image_decode == "device"
     errors = [""] * len(r["encoded"])
-    pixels = {p.key: np.empty((len(r["encoded"]), *p.shape), np.uint8) for p in plan.images} if not on_device else {}
-    n_ok = 0
-    for j, data in enumerate(r["encoded"] if not on_device else ()):
-        arrays, errors[j] = decode_image(data, plan)
-        for key, a in arrays.items():
-            pixels[key][n_ok] = a
-        n_ok += not errors[j]
+    if not on_device:
+        pixels = {p.key: np.empty((len(r["encoded"]), *p.shape), np.uint8) for p in plan.images}
+        n_ok = 0
+        for j, data in enumerate(r["encoded"]):
+            arrays, errors[j] = decode_image(data, plan)
+            for key, a in arrays.items():
+                pixels[key][n_ok] = a
+            n_ok += not errors[j]
     kept = mark_failed(r, errors)
     texts = [r["text"][j] for j in kept]
     cols = {"shard": row.column("shard"), "chunk": row.column("chunk"), "last": row.column("last"),
             "keys": row.column("keys"), **sample_columns(r, kept), "notes": row.column("notes")}
     if on_device:
         cols["encoded"] = row.column("encoded")
-    for p in plan.images if not on_device else ():
-        cols[p.key] = blob(pixels[p.key][:len(kept)])
+    else:
+        cols.update({p.key: blob(pixels[p.key][:len(kept)]) for p in plan.images})
     for t in plan.texts:
         toks = tokenizer(t.open_clip_name)(texts).numpy() if kept else np.zeros((0, t.context_length))
         cols[t.key] = blob(toks.astype(np.int32))

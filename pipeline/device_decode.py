@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import warnings
+from functools import lru_cache
 
 import torch
 
+from clipsift.pipeline.decode import decode_image
 from clipsift.pipeline.encoders import ImagePrep, Plan, PlanError
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -58,17 +60,14 @@ def decode_on_device(encoded: list[bytes], plan: Plan, device: torch.device) -> 
     out: dict[str, list[torch.Tensor]] = {p.key: [] for p in plan.images}
     for i, img in enumerate(decoded):
         if img is None:  # not a JPEG, or refused: the CPU path decides (and names the error)
-            from clipsift.pipeline.decode import decode_image
-
             arrays, errors[i] = decode_image(encoded[i], plan)
             for key, a in arrays.items():
                 out[key].append(torch.from_numpy(a).to(device))
             continue
         for p in plan.images:
             out[p.key].append(_resize_crop(img, p))
-    shapes = {p.key: p.shape for p in plan.images}
-    return ({k: torch.stack(v) if v else torch.zeros((0, *shapes[k]), dtype=torch.uint8, device=device)
-             for k, v in out.items()}, errors)
+    return ({p.key: torch.stack(out[p.key]) if out[p.key] else torch.zeros((0, *p.shape), dtype=torch.uint8, device=device)
+             for p in plan.images}, errors)
 
 
 def _resize_crop(img: torch.Tensor, prep: ImagePrep) -> torch.Tensor:
@@ -76,10 +75,20 @@ def _resize_crop(img: torch.Tensor, prep: ImagePrep) -> torch.Tensor:
     size then a centre crop, or (squash) straight to the model size."""
     import torchvision.transforms.v2.functional as TF
 
-    cfg = json.loads(prep.cfg_json)
     h, w = prep.shape[:2]
-    mode = TF.InterpolationMode.BICUBIC if cfg.get("interpolation", "bicubic") == "bicubic" else TF.InterpolationMode.BILINEAR
-    if cfg.get("resize_mode", "shortest") == "squash":
+    mode, squash = _resize_spec(prep)
+    if squash:
         return TF.resize(img, [h, w], interpolation=mode, antialias=True).permute(1, 2, 0)
     img = TF.resize(img, [h], interpolation=mode, antialias=True)  # h == w (check_device_decodable)
     return TF.center_crop(img, [h, w]).permute(1, 2, 0)
+
+
+@lru_cache(maxsize=None)
+def _resize_spec(prep: ImagePrep):
+    """(torchvision interpolation, squash?) of a model's preprocessing, parsed once, not per image."""
+    import torchvision.transforms.v2.functional as TF
+
+    cfg = json.loads(prep.cfg_json)
+    bicubic = cfg.get("interpolation", "bicubic") == "bicubic"
+    return (TF.InterpolationMode.BICUBIC if bicubic else TF.InterpolationMode.BILINEAR,
+            cfg.get("resize_mode", "shortest") == "squash")

@@ -117,13 +117,15 @@ def stage_profile(chunks: list[dict[str, float]], stages: dict[str, Any], epoch_
     for _, step in events:
         running += step
         peak = max(peak, running)
-    per_image = 1000 / images if images else None  # image_decode=device: decode tasks only tokenise
+    def ms_per_image(seconds: float) -> float | None:  # None with image_decode=device: nothing decoded here
+        return round(1000 * seconds / images, 3) if images else None
+
     model_busy = sum(c["model_s"] for c in chunks)
     return {
         "first_chunk_read_s": round(min(c["read_at"] for c in chunks) - epoch_start, 3),
         "decode": {"images": images, "chunks": len(chunks), "slots": stages["decode_slots"],
-                   "cpu_ms_per_image": round(sum(c["decode_cpu_s"] for c in chunks) * per_image, 3) if per_image else None,
-                   "wall_ms_per_image": round(busy * per_image, 3) if per_image else None,
+                   "cpu_ms_per_image": ms_per_image(sum(c["decode_cpu_s"] for c in chunks)),
+                   "wall_ms_per_image": ms_per_image(busy),
                    "setup_s": round(sum(c["decode_setup_s"] for c in chunks), 3),
                    "first_start_s": round(spans[0][0] - epoch_start, 3), "window_s": round(window, 3),
                    "mean_in_flight": round(busy / window, 2) if window > 0 else None, "peak_in_flight": peak},
@@ -215,20 +217,21 @@ class EncodeStage:
         self.plan = plan
         self.encoder = Encoder(plan, device)
         self.dims = self.encoder.embedding_dims()
-        self._pixels: dict[int, dict] = {}  # image_decode=device: a call's decoded chunks by row
-        self._decode_s: dict[int, float] = {}
 
     def __call__(self, table: pa.Table) -> pa.Table:
         on_device = self.plan.image_decode == "device"
+        decoded = []  # image_decode=device: per row (its images on the device, decoding seconds)
         if on_device:  # decode first: failed images leave their rows (and get their skip reasons)
-            table = pa.concat_tables([self._decode_on_device(table.slice(i, 1)) for i in range(table.num_rows)])
+            rows = [self._decode_on_device(table.slice(i, 1)) for i in range(table.num_rows)]
+            table = pa.concat_tables([row for row, _, _ in rows])
+            decoded = [(images, seconds) for _, images, seconds in rows]
         blobs = ["encoded"] if on_device else [p.key for p in self.plan.images]
         blobs += [t.key for t in self.plan.texts]
         new: dict[str, list] = {"model_s": []}
         for i in range(table.num_rows):
             t0 = time.perf_counter()
-            images = self._pixels.pop(i) if on_device else {
-                p.key: _array(table, p.key, i, np.uint8, p.shape) for p in self.plan.images}
+            images, decode_s = decoded[i] if on_device else (
+                {p.key: _array(table, p.key, i, np.uint8, p.shape) for p in self.plan.images}, 0.0)
             tokens = {t.key: _array(table, t.key, i, np.int32, (t.context_length,)) for t in self.plan.texts}
             n = len(table.column("uid")[i])
             if n:
@@ -241,7 +244,7 @@ class EncodeStage:
                     new.setdefault(f"{prefix}:{k}", []).append(v.tobytes())
             for k, d in self.dims.items():
                 new.setdefault(f"dim:{k}", []).append(d)
-            new["model_s"].append(time.perf_counter() - t0 + (self._decode_s.pop(i) if on_device else 0.0))
+            new["model_s"].append(time.perf_counter() - t0 + decode_s)
         table = table.drop_columns(blobs)
         for name, values in new.items():
             kind = pa.large_binary() if name.startswith(("emb:", "score:")) else (
@@ -249,14 +252,12 @@ class EncodeStage:
             table = table.append_column(name, pa.array(values, kind))
         return table
 
-
-    def _decode_on_device(self, row: pa.Table) -> pa.Table:
-        """Decode one chunk row's images on the device; its row without the images that failed."""
+    def _decode_on_device(self, row: pa.Table) -> tuple[pa.Table, dict, float]:
+        """One chunk row's images decoded on the device: (the row without the images that failed,
+        the images, the seconds it took)."""
         t0 = time.perf_counter()
         images, errors = decode_on_device(row.column("encoded")[0].as_py(), self.plan, self.encoder.device)
-        i = len(self._pixels)
-        self._pixels[i], self._decode_s[i] = images, time.perf_counter() - t0
-        return drop_failed(row, errors, self.plan) if any(errors) else row
+        return (drop_failed(row, errors, self.plan) if any(errors) else row), images, time.perf_counter() - t0
 
 
 def _array(table: pa.Table, column: str, row: int, dtype, shape: tuple[int, ...]) -> np.ndarray:

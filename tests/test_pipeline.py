@@ -437,6 +437,23 @@ def test_model_actors_never_take_every_cpu(ray_local):
         stage_plan(RayConfig(decode_actors=-1), "cpu")
 
 
+
+def test_cpu_model_actor_uses_every_core_unless_told(models):
+    """Ray starts a 1-CPU actor with one torch thread; the model, the CPU job's bound, takes them all."""
+    from clipsift.pipeline.embed import EncodeStage
+    from clipsift.pipeline.encoders import make_plan
+
+    plan = make_plan(models, {}, batch_size=2, normalize=True, precision="fp32", seed=0, allow_random_weights=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        EncodeStage(plan, "cpu", 0)
+        assert torch.get_num_threads() == os.cpu_count()
+        EncodeStage(plan, "cpu", 1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
 # ---------------------------------------------------------------- a real kill
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_byte_identical(embedded, tmp_path):

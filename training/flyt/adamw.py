@@ -102,7 +102,7 @@ def adamw_step_with_jacobian(params: Params, grads: Params, state: AdamWState, h
     traffic: element-wise passes into preallocated outputs, block by block on a CPU, no graph.
     """
     t = state.step + 1
-    k = _Constants(hp, 1 - hp.beta1 ** t, math.sqrt(1 - hp.beta2 ** t))
+    step_size, bc2_sqrt = hp.lr / (1 - hp.beta1 ** t), math.sqrt(1 - hp.beta2 ** t)
     new_params, new_m, new_v, jac = {}, {}, {}, {}
     for name, p in params.items():
         g = grads[name]
@@ -114,29 +114,21 @@ def adamw_step_with_jacobian(params: Params, grads: Params, state: AdamWState, h
         n = g.numel()
         block = n if g.device.type != "cpu" else _CPU_BLOCK
         for lo in range(0, n, block):
-            _step_block(*(x[lo:lo + block] for x in flat + flat_out), shrink, k)
+            _step_block(*(x[lo:lo + block] for x in flat + flat_out), shrink, hp, step_size, bc2_sqrt)
         new_params[name], new_m[name], new_v[name], jac[name] = outs
     return new_params, new_m, new_v, jac
 
 
-@dataclass(frozen=True)
-class _Constants:
-    hp: AdamWHyper
-    bc1: float
-    bc2_sqrt: float
-
-
-def _step_block(p, g, m0, v0, out_p, out_m, out_v, out_j, shrink: float, k: _Constants) -> None:
+def _step_block(p, g, m0, v0, out_p, out_m, out_v, out_j, shrink: float, hp: AdamWHyper, step_size: float,
+                bc2_sqrt: float) -> None:
     """adamw_step_with_jacobian on one block of 1-D views (the outputs are written in place)."""
-    hp = k.hp
-    step_size = hp.lr / k.bc1
     torch.mul(m0, hp.beta1, out=out_m).add_(g, alpha=1 - hp.beta1)
     torch.mul(v0, hp.beta2, out=out_v).addcmul_(g, g, value=1 - hp.beta2)
     root = out_v.sqrt()
-    denom = root.div(k.bc2_sqrt).add_(hp.eps)
+    denom = root.div(bc2_sqrt).add_(hp.eps)
     u = out_m.div(denom)
     torch.mul(p, shrink, out=out_p).sub_(u, alpha=step_size)
     # ∂denom/∂g, 0 where v = 0 (as _safe_sqrt; there g = 0 unless g² underflowed)
     zero = root == 0
-    ddenom = g.mul((1 - hp.beta2) / k.bc2_sqrt).div_(root.masked_fill_(zero, 1.0)).masked_fill_(zero, 0.0)
+    ddenom = g.mul((1 - hp.beta2) / bc2_sqrt).div_(root.masked_fill_(zero, 1.0)).masked_fill_(zero, 0.0)
     torch.mul(ddenom, u, out=out_j).neg_().add_(1 - hp.beta1).div_(denom).mul_(-step_size)
