@@ -8,7 +8,9 @@ train` does per step). FLYT step: scorer forward, hypergradient (∇θ L_up; ∂
 AdamW step on the downstream batch; JVP of the embeddings; d at embedding level), the scorer's
 VJP and AdamW update. Both on the world's pool images and captions; the downstream batch is
 --down-batch examples from each task's training split. Ψ is random (its values do not change the
-time). Medians over --repeats after one warm-up step; bf16 autocast and CUDA syncs on a GPU.
+time). Medians over --repeats after one warm-up step; bf16 autocast and CUDA syncs on a GPU. Phase
+times come from separate steps with a device sync around each phase (so the timed steps run as
+they would in training).
 Without --world a ci world is generated in a temporary folder. Writes benchmarks/results/flyt.json.
 """
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--profile", default="", metavar="FILE",
+                   help="also write torch.profiler's table of three FLYT steps (ops by self time) to FILE")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "flyt.json"))
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -128,10 +132,9 @@ def bench(world: Path, args) -> dict:
     scorer = GLUScorer(dim).to(device)
     rho = torch.nn.Parameter(torch.tensor(2.6593, device=device))
     sopt = torch.optim.AdamW(list(scorer.parameters()) + [rho], lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
-    phases = Timer()
     holder = {"params": params, "state": state}
 
-    def flyt() -> None:
+    def flyt(phases=None) -> None:
         scores = scorer(psi)
         w = torch.softmax(scores.detach().float(), 0)
         res = hypergradient_step(fmodel, holder["params"], holder["state"], AdamWHyper(5e-5), decay, images, tokens,
@@ -145,7 +148,29 @@ def bench(world: Path, args) -> dict:
 
     plain_s = timed(plain, args.repeats)
     flyt_s = timed(flyt, args.repeats)
-    per_phase = {k: round(v / (args.repeats + 1), 4) for k, v in phases.as_dict().items()}
+    phases = Timer()
+
+    @contextlib.contextmanager
+    def synced(name: str):
+        sync()
+        with phases(name):
+            yield
+            sync()
+
+    phase_steps = 3
+    for _ in range(phase_steps):
+        flyt(synced)
+    per_phase = {k: round(v / phase_steps, 4) for k, v in phases.as_dict().items()}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in range(phase_steps):
+                flyt()
+            sync()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+        print(f"wrote {args.profile}")
     med_plain, med_flyt = statistics.median(plain_s), statistics.median(flyt_s)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = {
@@ -159,7 +184,7 @@ def bench(world: Path, args) -> dict:
         "plain_step_s": plain_s, "flyt_step_s": flyt_s,
         "median_plain_step_s": round(med_plain, 4), "median_flyt_step_s": round(med_flyt, 4),
         "ratio_flyt_over_plain": round(med_flyt / med_plain, 3),
-        "flyt_phase_mean_s": per_phase,
+        "flyt_phase_mean_s": per_phase,  # from separate steps with a sync around each phase
     }
     print(f"{args.arch} on {device}: upstream batch {args.batch}, downstream {dbatch.images.shape[0]} images + "
           f"{dbatch.tokens.shape[0]} texts ({len(tasks)} tasks)")

@@ -3,7 +3,9 @@
 The ceiling is the same model, optimiser and step (training.loop.Stepper) fed one batch of uint8
 images and tokens that already sit on the device: nothing can feed the model faster. Against it:
 `train()` on the shards, in memory mode (decode everything once, then gather) and stream mode
-(decode in DataLoader workers while training). Runs are interleaved (ceiling, memory, stream,
+(decode in DataLoader workers while training); `--modes loader` adds stream mode's data alone
+(workers decoding, batches copied to the device, no model: can the CPUs feed the step at all?).
+Runs are interleaved (ceiling, memory, stream,
 ceiling, ...) so a machine shared with other jobs slows them alike; figures are medians over
 repeats. Two ratios per mode:
 
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,6 +63,32 @@ def ceiling(cfg: TrainConfig, steps: int, warmup_steps: int = 5) -> float:
     return steps * cfg.batch_size / (time.perf_counter() - t0)
 
 
+def loader(cfg: TrainConfig, steps: int, warmup_steps: int = 5) -> dict[str, float]:
+    """Samples/s of stream mode's data alone: the DataLoader workers decoding and batching, and the
+    batches reaching the device (pinned, copied) as in training, with no model. Against the
+    ceiling it says whether the CPUs could keep the step fed at all."""
+    from clipsift.training.data import open_data
+    from clipsift.training.models import create_model
+
+    device = resolve_device(cfg.device, 0)
+    cfg.data.mode = "stream"
+    data, _ = open_data(cfg.data, cfg.model, image_size(create_model(cfg.model)), 0, cfg.batch_size, cfg.seed,
+                        pin_memory=device.type == "cuda")
+    n, t0 = 0, None
+    for i, batch in enumerate(data.batches(0)):
+        batch.images.to(device, non_blocking=True)
+        batch.tokens.to(device, non_blocking=True)
+        if i == warmup_steps:
+            _sync(device)
+            t0 = time.perf_counter()
+        elif i > warmup_steps:
+            n += len(batch.uids)
+        if i == warmup_steps + steps:
+            break
+    _sync(device)
+    return {"steady": n / (time.perf_counter() - t0)}
+
+
 def real(cfg: TrainConfig, out: Path) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     cfg.out = str(out)
@@ -68,6 +97,17 @@ def real(cfg: TrainConfig, out: Path) -> dict[str, float]:
     t = stats["timings"]
     return {"steady": stats["samples_per_s"], "end_to_end": stats["samples_seen"] / (t["load_data"] + t["train"]),
             "data_wait_fraction": stats["data_wait_fraction"], "load_data_s": t["load_data"]}
+
+
+def summarise(runs: list[dict[str, float]], ceilings: list[dict[str, float]], ceil: float) -> dict[str, Any]:
+    """Medians over repeats; the loader mode has only its steady rate."""
+    med = lambda key: statistics.median([x[key] for x in runs])  # noqa: E731
+    out = {"steady_samples_per_s": round(med("steady"), 1), "steady_ratio": round(med("steady") / ceil, 3),
+           "steady_ratio_per_repeat": [round(x["steady"] / c["steady"], 3) for x, c in zip(runs, ceilings)]}
+    if "end_to_end" in runs[0]:
+        out.update(end_to_end_samples_per_s=round(med("end_to_end"), 1), end_to_end_ratio=round(med("end_to_end") / ceil, 3),
+                   data_wait_fraction=med("data_wait_fraction"), load_data_s=round(med("load_data_s"), 2))
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -108,29 +148,21 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             runs["ceiling"].append({"steady": ceiling(probe, args.steps)})
             for m in modes:
-                runs[m].append(real(cfg_for(m, args.steps), tmp / f"{m}-{r}"))
+                runs[m].append(loader(cfg_for("stream", args.steps), args.steps) if m == "loader" else
+                               real(cfg_for(m, args.steps), tmp / f"{m}-{r}"))
             print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(
                 f"{k} {v[-1]['steady']:.0f}" for k, v in runs.items()) + " samples/s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    med = lambda xs: statistics.median(xs)  # noqa: E731
-    ceil = med([x["steady"] for x in runs["ceiling"]])
+    ceil = statistics.median([x["steady"] for x in runs["ceiling"]])
     result = {
         "world": str(world), "preset": args.preset, "model": probe.model, "batch_size": probe.batch_size,
         "steps_per_run": args.steps, "repeats": args.repeats, "device": str(resolve_device(probe.device, 0)),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
         "platform": platform.platform(), "torch": torch.__version__,
         "ceiling_samples_per_s": round(ceil, 1),
-        "modes": {m: {
-            "steady_samples_per_s": round(med([x["steady"] for x in runs[m]]), 1),
-            "end_to_end_samples_per_s": round(med([x["end_to_end"] for x in runs[m]]), 1),
-            "steady_ratio": round(med([x["steady"] for x in runs[m]]) / ceil, 3),
-            "end_to_end_ratio": round(med([x["end_to_end"] for x in runs[m]]) / ceil, 3),
-            "steady_ratio_per_repeat": [round(x["steady"] / c["steady"], 3) for x, c in zip(runs[m], runs["ceiling"])],
-            "data_wait_fraction": med([x["data_wait_fraction"] for x in runs[m]]),
-            "load_data_s": round(med([x["load_data_s"] for x in runs[m]]), 2),
-        } for m in modes},
+        "modes": {m: summarise(runs[m], runs["ceiling"], ceil) for m in modes},
         "runs": runs,
     }
     write_json(args.out, result)

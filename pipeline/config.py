@@ -18,7 +18,10 @@ class RayConfig:
 
     address: str = ""  # a Ray cluster ("auto", "ray://host:10001"); "" = $RAY_ADDRESS, else a local Ray
     num_cpus: int = 0  # local Ray only: CPUs to use (0 = every core of this machine)
-    model_actors: int = 0  # model-stage actors (0 = one per GPU, or one on a CPU-only cluster)
+    model_actors: int = 0  # model-stage actors (0 = actors_per_gpu per GPU, or one on a CPU-only cluster)
+    # model actors sharing each GPU (each gets 1/N of it and its own copy of the models): where the
+    # actor's host-side work (nvJPEG's CPU part, Python, launches) bounds a GPU, N actors overlap it
+    actors_per_gpu: int = 1
     model_cpus: float = 1.0  # CPUs each model actor reserves; the rest decode (must leave some)
     # torch threads of a CPU model actor (0 = every core of its node: the model is the CPU job's
     # bound, decoding costs a small share beside it, and the OS shares the cores)

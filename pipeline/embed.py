@@ -94,7 +94,8 @@ def steady_rate(timeline: list[tuple[float, int]]) -> float | None:
     return round((r1 - r0) / (t1 - t0), 1)
 
 
-CHUNK_TIMINGS = ("read_at", "decode_s", "decode_cpu_s", "decode_start", "decode_setup_s", "decoded", "model_s")
+CHUNK_TIMINGS = ("read_at", "decode_s", "decode_cpu_s", "decode_start", "decode_setup_s", "decoded", "model_s",
+                 "model_start", "model_ready_at", "model_setup_s")
 
 
 def stage_profile(chunks: list[dict[str, float]], stages: dict[str, Any], epoch_start: float,
@@ -106,7 +107,10 @@ def stage_profile(chunks: list[dict[str, float]], stages: dict[str, Any], epoch_
     decode.wall_ms_per_image tells per-image work apart from waiting for a core. decode.setup_s is
     the one-off start-up of each decode process (imports, tokenizers), kept out of the per-image
     figures; first_chunk_read_s and decode.first_start_s are how long after the run's start the first
-    chunk was read and began decoding (planning, worker start). model.busy_fraction near 1 means the model stage is the bottleneck.
+    chunk was read and began decoding (planning, worker start). model.setup_s is the slowest model
+    actor's start-up (imports, device, loading the models), model.ready_s when the first one was
+    ready and model.first_start_s when it began its first chunk, all since the run's start.
+    model.busy_fraction near 1 means the model stage is the bottleneck.
     """
     images = sum(c["decoded"] for c in chunks)
     busy = sum(c["decode_s"] for c in chunks)
@@ -130,7 +134,10 @@ def stage_profile(chunks: list[dict[str, float]], stages: dict[str, Any], epoch_
                    "first_start_s": round(spans[0][0] - epoch_start, 3), "window_s": round(window, 3),
                    "mean_in_flight": round(busy / window, 2) if window > 0 else None, "peak_in_flight": peak},
         "model": {"busy_s": round(model_busy, 3),
-                  "busy_fraction": round(model_busy / (wall * stages["model_actors"]), 3)},
+                  "busy_fraction": round(model_busy / (wall * stages["model_actors"]), 3),
+                  "setup_s": round(max(c["model_setup_s"] for c in chunks), 3),
+                  "ready_s": round(min(c["model_ready_at"] for c in chunks) - epoch_start, 3),
+                  "first_start_s": round(min(c["model_start"] for c in chunks) - epoch_start, 3)},
     }
 
 
@@ -190,7 +197,7 @@ def build_dataset(pending: list[Path], plan: Plan, sp: StagePlan):
     return ds.map_batches(
         EncodeStage, fn_constructor_kwargs={"plan": plan, "device": "cuda" if sp.use_gpu else "cpu",
                                             "threads": sp.model_threads},
-        compute=ray.data.ActorPoolStrategy(size=sp.model_actors), num_gpus=1 if sp.use_gpu else None,
+        compute=ray.data.ActorPoolStrategy(size=sp.model_actors), num_gpus=sp.gpus_per_actor or None,
         num_cpus=sp.model_cpus, batch_size=1, batch_format="pyarrow")
 
 
@@ -210,6 +217,7 @@ class EncodeStage:
     """The model stage (a Ray actor): per chunk row, every model's embeddings and every head's scores."""
 
     def __init__(self, plan: Plan, device: str, threads: int):
+        t0 = time.perf_counter()
         import torch
 
         if device == "cpu":  # Ray limits a 1-CPU actor to one thread unless told otherwise
@@ -217,8 +225,10 @@ class EncodeStage:
         self.plan = plan
         self.encoder = Encoder(plan, device)
         self.dims = self.encoder.embedding_dims()
+        self.setup_s, self.ready_at = time.perf_counter() - t0, time.time()
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        called = time.time()
         on_device = self.plan.image_decode == "device"
         decoded = []  # image_decode=device: per row (its images on the device, decoding seconds)
         if on_device:  # decode first: failed images leave their rows (and get their skip reasons)
@@ -227,9 +237,12 @@ class EncodeStage:
             decoded = [(images, seconds) for _, images, seconds in rows]
         blobs = ["encoded"] if on_device else [p.key for p in self.plan.images]
         blobs += [t.key for t in self.plan.texts]
-        new: dict[str, list] = {"model_s": []}
+        new: dict[str, list] = {"model_s": [], "model_start": [], "model_ready_at": [], "model_setup_s": []}
         for i in range(table.num_rows):
             t0 = time.perf_counter()
+            new["model_start"].append(called)
+            new["model_ready_at"].append(self.ready_at)
+            new["model_setup_s"].append(self.setup_s)
             images, decode_s = decoded[i] if on_device else (
                 {p.key: _array(table, p.key, i, np.uint8, p.shape) for p in self.plan.images}, 0.0)
             tokens = {t.key: _array(table, t.key, i, np.int32, (t.context_length,)) for t in self.plan.texts}

@@ -23,6 +23,7 @@ class ResourceError(RuntimeError):
 class StagePlan:
     use_gpu: bool
     model_actors: int
+    gpus_per_actor: float  # 0 on CPUs
     model_cpus: float
     model_threads: int
     read_cpus: float
@@ -66,7 +67,13 @@ def cluster(device: str) -> tuple[float, float, bool]:
 
 
 def stage_plan(rc: RayConfig, device: str, tokenise_only: bool = False) -> StagePlan:
-    """How many model actors, on what, how many read tasks, and how many decode tasks fit beside them.
+    """plan_stages for the connected Ray cluster."""
+    return plan_stages(rc, *cluster(device), tokenise_only)
+
+
+def plan_stages(rc: RayConfig, cpus: float, gpus: float, use_gpu: bool, tokenise_only: bool = False) -> StagePlan:
+    """How many model actors, on what, how many read tasks, and how many decode tasks fit beside
+    them, on a cluster with these CPUs and GPUs.
 
     tokenise_only (image_decode=device): the decode actors only tokenise, ~50 us a caption, so a few
     keep up, and fewer processes importing torch and open_clip at once start the job sooner."""
@@ -75,10 +82,13 @@ def stage_plan(rc: RayConfig, device: str, tokenise_only: bool = False) -> Stage
             raise ResourceError(f"ray.{key}={getattr(rc, key)} must be >= 0")
     if rc.decode_cpus == 0:
         raise ResourceError("ray.decode_cpus must be > 0: decoding is CPU work, and Ray would start a task per image chunk at once")
-    cpus, gpus, use_gpu = cluster(device)
-    actors = rc.model_actors or (int(gpus) if use_gpu else 1)
-    if use_gpu and actors > gpus:
-        raise ResourceError(f"ray.model_actors={actors} but the cluster has {gpus:g} GPUs (one actor per GPU)")
+    if rc.actors_per_gpu < 1:
+        raise ResourceError(f"ray.actors_per_gpu={rc.actors_per_gpu} must be >= 1")
+    per_gpu = rc.actors_per_gpu
+    actors = rc.model_actors or (int(gpus) * per_gpu if use_gpu else 1)
+    if use_gpu and actors > int(gpus) * per_gpu:
+        raise ResourceError(f"ray.model_actors={actors} but the cluster has {gpus:g} GPUs for "
+                            f"ray.actors_per_gpu={per_gpu} actor(s) each")
     read_tasks = rc.read_tasks or max(2, math.ceil(cpus / 8))
     # read tasks may hold their CPUs while downstream is backpressured: a decode task must still fit
     left = cpus - actors * rc.model_cpus - read_tasks * rc.read_cpus
@@ -92,5 +102,5 @@ def stage_plan(rc: RayConfig, device: str, tokenise_only: bool = False) -> Stage
     wanted = rc.decode_actors or (read_tasks if tokenise_only else decode_slots)
     decode_slots = max(1, min(decode_slots, wanted))
     threads = rc.model_threads  # 0: the model actor's node's cores (EncodeStage)
-    return StagePlan(use_gpu, actors, rc.model_cpus, threads, rc.read_cpus, read_tasks, rc.decode_cpus,
+    return StagePlan(use_gpu, actors, 1.0 / per_gpu if use_gpu else 0.0, rc.model_cpus, threads, rc.read_cpus, read_tasks, rc.decode_cpus,
                      decode_slots, cpus, gpus)

@@ -18,7 +18,8 @@ from clipsift import shards
 from clipsift.eval.tasks import load_tasks
 from clipsift.training.data import decode_image, normalize, tokenizer
 from clipsift.training.flyt import data as fdata
-from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, adamw_step, adamw_step_with_jacobian, decayed_names
+from clipsift.training.flyt.adamw import (AdamWHyper, AdamWState, adamw_jacobian_product, adamw_step,
+                                          adamw_update, decayed_names)
 from clipsift.training.flyt.hypergrad import (FunctionalCLIP, brute_force_objective, hypergradient_step,
                                               scorer_backward)
 from clipsift.training.flyt.losses import clip_loss, weighted_clip_loss, zeroshot_loss
@@ -94,19 +95,30 @@ def test_functional_adamw_matches_torch_adamw_over_several_steps():
     new, _, _ = adamw_step(params, g, AdamWState.zeros_like(params), hp, decay)
     (dg,) = torch.autograd.grad(new["w"].sum(), [g["w"]])
     assert torch.isfinite(dg).all()
-    # The closed-form (diagonal) Jacobian in g is autograd's, with history, at g = 0 and fresh state too.
-    for st in (state, AdamWState.zeros_like(params)):
+    # The fused update is adamw_step's, and the closed-form (diagonal) Jacobian in g is autograd's,
+    # with history, at g = 0 and fresh state too; on a lookup table (>= 2**14 rows) with a
+    # cotangent on a few rows only, the product is computed on those rows and is the same.
+    params["table"] = torch.randn(2**14, 3, dtype=torch.float64)
+    decay = decayed_names(params)
+    history = AdamWState({**state.exp_avg, "table": 0.1 * torch.randn_like(params["table"])},
+                         {**state.exp_avg_sq, "table": torch.rand_like(params["table"])}, state.step)
+    for st in (history, AdamWState.zeros_like(params)):
         g = {k: torch.randn_like(v) for k, v in params.items()}
         g["emb"][1] = 0.0
-        fast, fast_m, _, jac = adamw_step_with_jacobian(params, g, st, hp, decay)
-        plain, plain_m, _ = adamw_step(params, g, st, hp, decay)
+        g["table"][5:] = 0.0
+        fast, fast_m, fast_v = adamw_update(params, g, st, hp, decay)
+        plain, plain_m, plain_v = adamw_step(params, g, st, hp, decay)
+        cot = {k: torch.randn_like(v) for k, v in params.items()}
+        cot["table"][torch.randperm(2**14)[: 2**14 - 40]] = 0.0  # 40 rows touched
+        product = adamw_jacobian_product({k: c.clone() for k, c in cot.items()}, g, fast_m, fast_v, hp, st.step + 1)
         for k in params:
             torch.testing.assert_close(fast[k], plain[k], rtol=1e-12, atol=1e-15)
             torch.testing.assert_close(fast_m[k], plain_m[k], rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(fast_v[k], plain_v[k], rtol=1e-12, atol=1e-15)
             leaf = g[k].clone().requires_grad_(True)
             new, _, _ = adamw_step(params, {**g, k: leaf}, st, hp, decay)
             (diag,) = torch.autograd.grad(new[k].sum(), [leaf])  # the update is element-wise
-            torch.testing.assert_close(jac[k], diag, rtol=1e-11, atol=1e-15)  # closed form vs autograd: rounding
+            torch.testing.assert_close(product[k], cot[k] * diag, rtol=1e-11, atol=1e-15)  # closed form vs autograd
 
 
 # ---------------------------------------------------------------- the hypergradient

@@ -437,6 +437,22 @@ def test_model_actors_never_take_every_cpu(ray_local):
         stage_plan(RayConfig(decode_actors=-1), "cpu")
 
 
+def test_gpu_stage_plan_shares_gpus_between_actors():
+    """A 16-CPU, 2-GPU node: one actor per GPU by default, ray.actors_per_gpu=2 gives four
+    half-GPU actors (each reserving its CPU), and asking for more actors than that is refused."""
+    from clipsift.pipeline.raysession import ResourceError, plan_stages
+
+    one = plan_stages(RayConfig(), 16, 2, True)
+    assert (one.model_actors, one.gpus_per_actor, one.decode_slots) == (2, 1.0, 14)
+    two = plan_stages(RayConfig(actors_per_gpu=2), 16, 2, True)
+    assert (two.model_actors, two.gpus_per_actor, two.decode_slots) == (4, 0.5, 12)
+    assert plan_stages(RayConfig(actors_per_gpu=2), 16, 2, False).gpus_per_actor == 0.0  # device=cpu
+    with pytest.raises(ResourceError, match="actors_per_gpu"):
+        plan_stages(RayConfig(model_actors=5, actors_per_gpu=2), 16, 2, True)
+    with pytest.raises(ResourceError, match="actors_per_gpu"):
+        plan_stages(RayConfig(actors_per_gpu=0), 16, 2, True)
+
+
 
 def test_cpu_model_actor_uses_every_core_unless_told(models):
     """Ray starts a 1-CPU actor with one torch thread; the model, the CPU job's bound, takes them all."""

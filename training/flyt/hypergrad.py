@@ -39,7 +39,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, Params, adamw_step, adamw_step_with_jacobian
+from clipsift.training.flyt.adamw import (AdamWHyper, AdamWState, Params, adamw_jacobian_product, adamw_step,
+                                          adamw_update)
 from clipsift.training.flyt.losses import weighted_clip_loss
 
 Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (images [B,D], texts [B,D], τ scalar)
@@ -165,7 +166,7 @@ def warm_moments(fmodel: FunctionalCLIP, params: Params, state: AdamWState, hp: 
     n = images.shape[0] * comm.world_size
     w = torch.full((n,), 1.0 / n, device=images.device)
     g, _ = upstream_gradient(fmodel, params, images, tokens, w, comm, amp)
-    _, m, v = adamw_step(params, dict(zip(params, g)), state, hp, frozenset())
+    _, m, v = adamw_update(params, dict(zip(params, g)), state, hp, frozenset())
     return AdamWState(m, v, state.step + 1)
 
 
@@ -191,10 +192,11 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
         g, up = upstream_gradient(fmodel, params, images, tokens, w, comm, amp)
 
     # 2. v = ∂ L_down(AdamW(θ, g)) / ∂g (averaged over ranks), and ∂J/∂ρ. The update is element-wise,
-    #    so v = ∇θ' L_down ⊙ ∂θ'/∂g with the diagonal Jacobian in closed form (adamw_step_with_jacobian;
+    #    so v = ∇θ' L_down ⊙ ∂θ'/∂g with the diagonal Jacobian in closed form (adamw_jacobian_product;
     #    the same as autograd through adamw_step, which the tests check, without its graph).
     with phase("down_grad"):
-        new_params, exp_avg, exp_avg_sq, jac = adamw_step_with_jacobian(params, dict(zip(names, g)), state, hp, decay)
+        g = dict(zip(names, g))
+        new_params, exp_avg, exp_avg_sq = adamw_update(params, g, state, hp, decay)
         leaves_theta = {k: x.requires_grad_(True) for k, x in new_params.items()}
         with amp():
             down = down_loss(project(leaves_theta) if project is not None else leaves_theta)
@@ -202,7 +204,7 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
         grads = torch.autograd.grad(_full(down), leaves, allow_unused=True)
         grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, leaves)]
         comm.mean_(grads)
-        v = {k: gr.mul_(jac[k]) for k, gr in zip(names, grads[: len(names)])}
+        v = adamw_jacobian_product(dict(zip(names, grads[: len(names)])), g, exp_avg, exp_avg_sq, hp, state.step + 1)
         if project is not None:
             new_params = project(new_params)
 
