@@ -8,7 +8,9 @@ train` does per step). FLYT step: scorer forward, hypergradient (∇θ L_up; ∂
 AdamW step on the downstream batch; JVP of the embeddings; d at embedding level), the scorer's
 VJP and AdamW update. Both on the world's pool images and captions; the downstream batch is
 --down-batch examples from each task's training split. Ψ is random (its values do not change the
-time). Medians over --repeats after one warm-up step; bf16 autocast and CUDA syncs on a GPU. Phase
+time). The two steps alternate (--repeats pairs after one warm-up each); the ratio is of their
+medians, and the median of per-pair ratios is reported beside it. bf16 autocast and CUDA syncs on
+a GPU. Phase
 times come from separate steps with a device sync around each phase (so the timed steps run as
 they would in training).
 Without --world a ci world is generated in a temporary folder. Writes benchmarks/results/flyt.json.
@@ -99,16 +101,12 @@ def bench(world: Path, args) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    def timed(fn, repeats: int) -> list[float]:
-        fn()  # warm-up
-        out = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            out.append(time.perf_counter() - t0)
-        return out
+    def once(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
 
     # Plain CLIP step.
     opt = torch.optim.AdamW(param_groups(model, 0.2), lr=5e-5, betas=(0.9, 0.98), eps=1e-6, fused=True)  # as train
@@ -146,8 +144,11 @@ def bench(world: Path, args) -> dict:
         sopt.step()
         holder["params"], holder["state"] = res.params, res.state
 
-    plain_s = timed(plain, args.repeats)
-    flyt_s = timed(flyt, args.repeats)
+    plain(), flyt()  # warm-up
+    plain_s, flyt_s = [], []
+    for _ in range(args.repeats):  # interleaved, so a machine whose load drifts slows both alike
+        plain_s.append(once(plain))
+        flyt_s.append(once(flyt))
     phases = Timer()
 
     @contextlib.contextmanager
@@ -184,12 +185,14 @@ def bench(world: Path, args) -> dict:
         "plain_step_s": plain_s, "flyt_step_s": flyt_s,
         "median_plain_step_s": round(med_plain, 4), "median_flyt_step_s": round(med_flyt, 4),
         "ratio_flyt_over_plain": round(med_flyt / med_plain, 3),
+        "median_pairwise_ratio": round(statistics.median(f / q for f, q in zip(flyt_s, plain_s)), 3),
         "flyt_phase_mean_s": per_phase,  # from separate steps with a sync around each phase
     }
     print(f"{args.arch} on {device}: upstream batch {args.batch}, downstream {dbatch.images.shape[0]} images + "
           f"{dbatch.tokens.shape[0]} texts ({len(tasks)} tasks)")
     print(f"  plain CLIP step  median {med_plain:8.4f} s")
-    print(f"  FLYT step        median {med_flyt:8.4f} s   ratio {med_flyt / med_plain:.2f}x")
+    print(f"  FLYT step        median {med_flyt:8.4f} s   ratio {med_flyt / med_plain:.2f}x "
+          f"(median of per-pair ratios {result['median_pairwise_ratio']:.2f}x)")
     print("  FLYT phases (mean s): " + ", ".join(f"{k} {v}" for k, v in per_phase.items()))
     if load is not None:
         print(f"  1-min load average {load:.1f} on {os.cpu_count()} cores (other work shares them: compare the ratio)")

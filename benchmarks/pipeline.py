@@ -228,6 +228,7 @@ def pipeline_run(cfg_args: dict, out: Path, label: str) -> dict:
           f"model stage busy {run['model']['busy_fraction']:.0%} of the run", flush=True)
     return {"rows": run["rows_written"], "wall_s": run["wall_s"], "rows_per_s": run["rows_per_s"],
             "steady_rows_per_s": run["steady_rows_per_s"], "timeline": run["timeline"],
+            "ray_init_s": run.get("ray_init_s"), "first_chunk_read_s": run.get("first_chunk_read_s"),
             "stage_seconds": stats["shard_timings_s"], "decode": dec, "model": run["model"],
             "stages": run["stages"], "out": str(out), "ray_stats": (out / "ray_stats.txt").read_text()}
 

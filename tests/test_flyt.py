@@ -110,6 +110,7 @@ def test_functional_adamw_matches_torch_adamw_over_several_steps():
         plain, plain_m, plain_v = adamw_step(params, g, st, hp, decay)
         cot = {k: torch.randn_like(v) for k, v in params.items()}
         cot["table"][torch.randperm(2**14)[: 2**14 - 40]] = 0.0  # 40 rows touched
+        cot["w"] = torch.randn(3, 4, dtype=torch.float64).t()  # not contiguous (the product writes through views)
         product = adamw_jacobian_product({k: c.clone() for k, c in cot.items()}, g, fast_m, fast_v, hp, st.step + 1)
         for k in params:
             torch.testing.assert_close(fast[k], plain[k], rtol=1e-12, atol=1e-15)

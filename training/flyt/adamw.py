@@ -123,14 +123,17 @@ def adamw_jacobian_product(cot: Params, grads: Params, exp_avg: Params, exp_avg_
     denom = sqrt(v / bc2) + eps and u = m / denom:
         ∂θ'/∂g = −(lr / bc1) [ (1−β1) − u · ∂denom/∂g ] / denom,
         ∂denom/∂g = (1−β2) g / (sqrt(v) sqrt(bc2))   (0 where v = 0, as _safe_sqrt's derivative).
-    This is what autograd through adamw_step gives (tests compare them), without its graph: block by
-    block on a CPU, and on a lookup table only over the rows the cotangent touches.
+    This is what autograd through adamw_step gives (tests compare them), without its graph: on a CPU
+    block by block, and on a lookup table only over the rows the cotangent touches.
     """
     step_size, bc2_sqrt = hp.lr / (1 - hp.beta1 ** step), math.sqrt(1 - hp.beta2 ** step)
     for name, c in cot.items():
+        if not c.is_contiguous():  # written through flat views below
+            c = cot[name] = c.contiguous()
         g, m, v = grads[name], exp_avg[name], exp_avg_sq[name]
-        if c.ndim >= 2 and c.shape[0] >= _TABLE_ROWS:
-            rows = c.reshape(c.shape[0], -1).abs().amax(dim=1).nonzero().squeeze(1)  # (faster than ne().any())
+        # (not on a GPU: its bandwidth makes a whole table cheap, and finding the rows needs a host sync)
+        if c.device.type == "cpu" and c.ndim >= 2 and c.shape[0] >= _TABLE_ROWS:
+            rows = c.reshape(c.shape[0], -1).abs().amax(dim=1).nonzero().squeeze(1)
             if 2 * rows.numel() < c.shape[0]:
                 part = c[rows]
                 _jacobian_block(part.view(-1), g[rows].reshape(-1), m[rows].reshape(-1), v[rows].reshape(-1),
