@@ -102,5 +102,5 @@ def plan_stages(rc: RayConfig, cpus: float, gpus: float, use_gpu: bool, tokenise
     wanted = rc.decode_actors or (read_tasks if tokenise_only else decode_slots)
     decode_slots = max(1, min(decode_slots, wanted))
     threads = rc.model_threads  # 0: the model actor's node's cores (EncodeStage)
-    return StagePlan(use_gpu, actors, 1.0 / per_gpu if use_gpu else 0.0, rc.model_cpus, threads, rc.read_cpus, read_tasks, rc.decode_cpus,
-                     decode_slots, cpus, gpus)
+    return StagePlan(use_gpu, actors, 1.0 / per_gpu if use_gpu else 0.0, rc.model_cpus, threads, rc.read_cpus,
+                     read_tasks, rc.decode_cpus, decode_slots, cpus, gpus)

@@ -110,8 +110,8 @@ class LinearMixer(nn.Module):
 
     def weights(self) -> dict[str, float]:
         """Learned weight per (standardised) input score, plus the bias."""
-        out = {c: float(a) for c, a in zip(self.columns, self.linear.weight[0])}
-        out["(bias)"] = float(self.linear.bias[0])
+        out = {c: float(a) for c, a in zip(self.columns, self.linear.weight[0].detach())}
+        out["(bias)"] = float(self.linear.bias[0].detach())
         return out
 
 
