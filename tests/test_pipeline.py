@@ -111,6 +111,18 @@ def markers(out: Path) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------- shard mode on the world
+def test_stage_profile_orders_the_start_up(embedded):
+    """The run's stats say when each stage started: a chunk is read before it is decoded, the model
+    actor is ready (after a constructor that took time) before its first chunk, all within the run."""
+    _, stats = embedded
+    run = stats["run"]
+    model, decode = run["model"], run["decode"]
+    assert model["setup_s"] > 0
+    assert 0 <= run["first_chunk_read_s"] <= decode["first_start_s"] < run["wall_s"]
+    assert 0 <= model["ready_s"] <= model["first_start_s"] < run["wall_s"]
+    assert 0 < model["busy_fraction"] <= 1 and model["busy_s"] > 0
+
+
 def test_every_valid_sample_once_in_pool_order(ci_world, embedded):
     from clipsift.world.generate import load_ground_truth
 
