@@ -10,9 +10,8 @@ VJP and AdamW update. Both on the world's pool images and captions; the downstre
 --down-batch examples from each task's training split. Ψ is random (its values do not change the
 time). The two steps alternate (--repeats pairs after one warm-up each); the ratio is of their
 medians, and the median of per-pair ratios is reported beside it. bf16 autocast and CUDA syncs on
-a GPU. Phase
-times come from separate steps with a device sync around each phase (so the timed steps run as
-they would in training).
+a GPU. Phase times come from separate steps with a device sync around each phase (so the timed
+steps run as they would in training).
 Without --world a ci world is generated in a temporary folder. Writes benchmarks/results/flyt.json.
 """
 from __future__ import annotations

@@ -5,9 +5,8 @@ images and tokens that already sit on the device: nothing can feed the model fas
 `train()` on the shards, in memory mode (decode everything once, then gather) and stream mode
 (decode in DataLoader workers while training); `--modes loader` adds stream mode's data alone
 (workers decoding, batches copied to the device, no model: can the CPUs feed the step at all?).
-Runs are interleaved (ceiling, memory, stream,
-ceiling, ...) so a machine shared with other jobs slows them alike; figures are medians over
-repeats. Two ratios per mode:
+Runs are interleaved (ceiling, memory, stream, ceiling, ...) so a machine shared with other jobs
+slows them alike; figures are medians over repeats. Two ratios per mode:
 
     steady  samples/s inside the training loop / ceiling samples/s      (does data stall the step?)
     end_to_end  samples / (data loading + training) / ceiling            (decode cost included)
@@ -64,14 +63,13 @@ def ceiling(cfg: TrainConfig, steps: int, warmup_steps: int = 5) -> float:
 
 
 def loader(cfg: TrainConfig, steps: int, warmup_steps: int = 5) -> dict[str, float]:
-    """Samples/s of stream mode's data alone: the DataLoader workers decoding and batching, and the
+    """Samples/s of stream mode's data alone (cfg has data.mode=stream): the DataLoader workers decoding and batching, and the
     batches reaching the device (pinned, copied) as in training, with no model. Against the
     ceiling it says whether the CPUs could keep the step fed at all."""
     from clipsift.training.data import open_data
     from clipsift.training.models import create_model
 
     device = resolve_device(cfg.device, 0)
-    cfg.data.mode = "stream"
     data, _ = open_data(cfg.data, cfg.model, image_size(create_model(cfg.model)), 0, cfg.batch_size, cfg.seed,
                         pin_memory=device.type == "cuda")
     n, t0 = 0, None
