@@ -132,16 +132,21 @@ def bench(world: Path, args) -> dict:
     holder = {"params": params, "state": state}
 
     def flyt(phases=None) -> None:
-        scores = scorer(psi)
-        w = torch.softmax(scores.detach().float(), 0)
+        phase = phases or (lambda _name: contextlib.nullcontext())
+        with phase("scorer"):
+            scores = scorer(psi)
+            w = torch.softmax(scores.detach().float(), 0)
         res = hypergradient_step(fmodel, holder["params"], holder["state"], AdamWHyper(5e-5), decay, images, tokens,
                                  w, lambda p: fdata.downstream_loss(lambda x, t: fmodel(p, x, t), dbatch, rho),
                                  [rho], None, amp=amp, timer=phases)
-        sopt.zero_grad(set_to_none=True)
-        scorer_backward(scores, res.d)
-        rho.grad = res.extra_grads[0]
-        sopt.step()
-        holder["params"], holder["state"] = res.params, res.state
+        with phase("scorer"):
+            sopt.zero_grad(set_to_none=True)
+            scorer_backward(scores, res.d)
+            rho.grad = res.extra_grads[0]
+            sopt.step()
+        with phase("release"):  # θ and the old moments are freed here
+            holder["params"], holder["state"] = res.params, res.state
+            del res
 
     plain(), flyt()  # warm-up
     plain_s, flyt_s = [], []
@@ -164,12 +169,12 @@ def bench(world: Path, args) -> dict:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), record_shapes=True) as prof:
             for _ in range(phase_steps):
                 flyt()
             sync()
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+        Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n" + prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40) + "\n")
         print(f"wrote {args.profile}")
     med_plain, med_flyt = statistics.median(plain_s), statistics.median(flyt_s)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

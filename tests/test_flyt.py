@@ -18,7 +18,7 @@ from clipsift import shards
 from clipsift.eval.tasks import load_tasks
 from clipsift.training.data import decode_image, normalize, tokenizer
 from clipsift.training.flyt import data as fdata
-from clipsift.training.flyt.adamw import (AdamWHyper, AdamWState, adamw_jacobian_product, adamw_step,
+from clipsift.training.flyt.adamw import (AdamWHyper, AdamWState, _jacobian_lists, adamw_jacobian_product, adamw_step,
                                           adamw_update, decayed_names)
 from clipsift.training.flyt.hypergrad import (FunctionalCLIP, brute_force_objective, hypergradient_step,
                                               scorer_backward)
@@ -112,6 +112,10 @@ def test_functional_adamw_matches_torch_adamw_over_several_steps():
         cot["table"][torch.randperm(2**14)[: 2**14 - 40]] = 0.0  # 40 rows touched
         cot["w"] = torch.randn(3, 4, dtype=torch.float64).t()  # not contiguous (the product writes through views)
         product = adamw_jacobian_product({k: c.clone() for k, c in cot.items()}, g, fast_m, fast_v, hp, st.step + 1)
+        # the GPU's arrangement: every tensor whole, in one multi-tensor pass
+        together = [cot[k].clone(memory_format=torch.contiguous_format) for k in params]
+        _jacobian_lists([x.view(-1) for x in together], *([d[k].reshape(-1) for k in params] for d in (g, fast_m, fast_v)),
+                        hp, st.step + 1)
         for k in params:
             torch.testing.assert_close(fast[k], plain[k], rtol=1e-12, atol=1e-15)
             torch.testing.assert_close(fast_m[k], plain_m[k], rtol=1e-12, atol=1e-15)
@@ -120,6 +124,8 @@ def test_functional_adamw_matches_torch_adamw_over_several_steps():
             new, _, _ = adamw_step(params, {**g, k: leaf}, st, hp, decay)
             (diag,) = torch.autograd.grad(new[k].sum(), [leaf])  # the update is element-wise
             torch.testing.assert_close(product[k], cot[k] * diag, rtol=1e-11, atol=1e-15)  # closed form vs autograd
+        for k, x in zip(params, together):
+            torch.testing.assert_close(x, product[k], rtol=1e-14, atol=0)
 
 
 # ---------------------------------------------------------------- the hypergradient

@@ -90,9 +90,12 @@ def adamw_update(params: Params, grads: Params, state: AdamWState, hp: AdamWHype
 
     The same arithmetic (tests compare it with adamw_step to rounding) at the cost of one
     optimiser step; the inputs are left untouched (the kernel updates copies in place)."""
-    new_params = {k: p.detach().clone(memory_format=torch.contiguous_format) for k, p in params.items()}
-    new_m = {k: state.exp_avg[k].to(grads[k].dtype, copy=True) for k in params}
-    new_v = {k: state.exp_avg_sq[k].to(grads[k].dtype, copy=True) for k in params}
+    names = list(params)
+    new_params = {k: torch.empty_like(params[k], memory_format=torch.contiguous_format) for k in names}
+    new_m = {k: torch.empty_like(params[k], dtype=grads[k].dtype, memory_format=torch.contiguous_format) for k in names}
+    new_v = {k: torch.empty_like(new_m[k]) for k in names}
+    for out, src in ((new_params, params), (new_m, state.exp_avg), (new_v, state.exp_avg_sq)):  # multi-tensor copies
+        torch._foreach_copy_([out[k] for k in names], [src[k].detach() for k in names])
     groups: dict[tuple, list[str]] = {}
     for k, p in new_params.items():  # one kernel call per device, dtype and weight decay
         groups.setdefault((p.device, p.dtype, grads[k].dtype, k in decay), []).append(k)
@@ -105,7 +108,7 @@ def adamw_update(params: Params, grads: Params, state: AdamWState, hp: AdamWHype
     return new_params, new_m, new_v
 
 
-# Elements per pass on a CPU: the Jacobian takes ~12 element-wise passes, which stream from memory
+# Elements per pass on a CPU: the Jacobian takes ~11 element-wise passes, which stream from memory
 # when each runs over a whole tensor and mostly from L2 over blocks this size (~1.5x faster).
 _CPU_BLOCK = 1 << 16
 # A parameter with at least this many rows is a lookup table (token embeddings): a downstream batch
@@ -123,37 +126,69 @@ def adamw_jacobian_product(cot: Params, grads: Params, exp_avg: Params, exp_avg_
     denom = sqrt(v / bc2) + eps and u = m / denom:
         ∂θ'/∂g = −(lr / bc1) [ (1−β1) − u · ∂denom/∂g ] / denom,
         ∂denom/∂g = (1−β2) g / (sqrt(v) sqrt(bc2))   (0 where v = 0, as _safe_sqrt's derivative).
-    This is what autograd through adamw_step gives (tests compare them), without its graph: on a CPU
-    block by block, and on a lookup table only over the rows the cotangent touches.
+    This is what autograd through adamw_step gives (tests compare them), without its graph. On a
+    GPU all tensors go through each pass together (multi-tensor kernels: a dozen launches, not a
+    dozen per parameter); on a CPU block by block, and on a lookup table only over the rows the
+    cotangent touches.
     """
-    step_size, bc2_sqrt = hp.lr / (1 - hp.beta1 ** step), math.sqrt(1 - hp.beta2 ** step)
+    cpu = next(iter(cot.values())).device.type == "cpu" if cot else True
+    parts: list[tuple[torch.Tensor, ...]] = []  # (c, g, m, v) flat, c written in place
+    scatter: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (table, rows, part): written back
     for name, c in cot.items():
         if not c.is_contiguous():  # written through flat views below
             c = cot[name] = c.contiguous()
         g, m, v = grads[name], exp_avg[name], exp_avg_sq[name]
         # (not on a GPU: its bandwidth makes a whole table cheap, and finding the rows needs a host sync)
-        if c.device.type == "cpu" and c.ndim >= 2 and c.shape[0] >= _TABLE_ROWS:
-            rows = c.reshape(c.shape[0], -1).abs().amax(dim=1).nonzero().squeeze(1)
+        if cpu and c.ndim >= 2 and c.shape[0] >= _TABLE_ROWS:
+            flat_rows = c.reshape(c.shape[0], -1)
+            rows = ((flat_rows.amax(dim=1) != 0) | (flat_rows.amin(dim=1) != 0)).nonzero().squeeze(1)
             if 2 * rows.numel() < c.shape[0]:
                 part = c[rows]
-                _jacobian_block(part.view(-1), g[rows].reshape(-1), m[rows].reshape(-1), v[rows].reshape(-1),
-                                hp, step_size, bc2_sqrt)
-                c.index_copy_(0, rows, part)  # the other rows are 0 and stay 0
+                parts.append((part.view(-1), g[rows].reshape(-1), m[rows].reshape(-1), v[rows].reshape(-1)))
+                scatter.append((c, rows, part))  # the other rows are 0 and stay 0
                 continue
-        flat = [x.reshape(-1) for x in (c, g, m, v)]
-        n = c.numel()
-        block = n if c.device.type != "cpu" else _CPU_BLOCK
-        for lo in range(0, n, block):
-            _jacobian_block(*(x[lo:lo + block] for x in flat), hp, step_size, bc2_sqrt)
+        parts.append(tuple(x.reshape(-1) for x in (c, g, m, v)))
+    for group in _groups(parts, _CPU_BLOCK if cpu else None):
+        _jacobian_lists(*(list(x) for x in zip(*group)), hp, step)
+    for table, rows, part in scatter:
+        table.index_copy_(0, rows, part)
     return cot
 
 
-def _jacobian_block(c, g, m, v, hp: AdamWHyper, step_size: float, bc2_sqrt: float) -> None:
-    """c *= ∂θ'/∂g on one block of 1-D views (c is a view written in place)."""
-    root = v.sqrt()
-    denom = root.div(bc2_sqrt).add_(hp.eps)
-    zero = root == 0
-    # (1−β1) − u · ∂denom/∂g with u = m / denom and ∂denom/∂g = 0 where v = 0
-    inner = g.mul((1 - hp.beta2) / bc2_sqrt).div_(root.masked_fill_(zero, 1.0)).masked_fill_(zero, 0.0)
-    inner.mul_(m).div_(denom).neg_().add_(1 - hp.beta1)
-    c.mul_(inner.div_(denom)).mul_(-step_size)
+def _groups(parts: list[tuple[torch.Tensor, ...]], block: int | None):
+    """Batches of aligned 1-D views for the multi-tensor passes: all of them (block None), or
+    slices packed into batches of about `block` elements (small tensors share one)."""
+    if block is None:
+        if parts:
+            yield parts
+        return
+    group, size = [], 0
+    for flat in parts:
+        n = flat[0].numel()
+        for lo in range(0, n, block):
+            group.append(tuple(x[lo:lo + block] for x in flat))
+            size += min(block, n - lo)
+            if size >= block:
+                yield group
+                group, size = [], 0
+    if group:
+        yield group
+
+
+def _jacobian_lists(c: list[torch.Tensor], g: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
+                    hp: AdamWHyper, step: int) -> None:
+    """c *= ∂θ'/∂g over lists of 1-D views (each c a view written in place), in 11 passes:
+    ∂θ'/∂g = (k c₂ g m / (sqrt(v) denom) − k (1−β1)) / denom with k = lr / bc1, c₂ = (1−β2) / sqrt(bc2).
+    Where v = 0, g = 0 (v accumulates g²), so the clamped divisor gives the 0 of _safe_sqrt's derivative."""
+    k, bc2_sqrt = hp.lr / (1 - hp.beta1 ** step), math.sqrt(1 - hp.beta2 ** step)
+    root = torch._foreach_sqrt(v)
+    denom = torch._foreach_mul(root, 1.0 / bc2_sqrt)
+    torch._foreach_add_(denom, hp.eps)
+    t = torch._foreach_mul(g, m)
+    torch._foreach_mul_(root, denom)
+    torch._foreach_clamp_min_(root, torch.finfo(v[0].dtype).tiny)
+    torch._foreach_div_(t, root)
+    torch._foreach_mul_(t, k * (1 - hp.beta2) / bc2_sqrt)
+    torch._foreach_sub_(t, k * (1 - hp.beta1))
+    torch._foreach_mul_(c, t)
+    torch._foreach_div_(c, denom)
