@@ -191,7 +191,7 @@ def _check_against_brute_force(tiny_setup, dtype, rtol, atol):
     J = brute_force_objective(fm, params, state, hp, decay, images, tokens, torch.softmax(scorer(psi), 0),
                               down_loss, project)
     brute = torch.autograd.grad(J, list(scorer.parameters()) + [rho])
-    assert float(J.detach()) == pytest.approx(res.down_loss, rel=1e-6)
+    assert float(J.detach()) == pytest.approx(float(res.down_loss), rel=1e-6)
     names = [n for n, _ in scorer.named_parameters()] + ["rho"]
     scale = max(float(b.abs().max()) for b in brute)
     for name, a, b in zip(names, efficient, brute):
@@ -201,7 +201,7 @@ def _check_against_brute_force(tiny_setup, dtype, rtol, atol):
         assert float(b.abs().max()) > 1e-3 * scale, name  # a real signal, not two zeros
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, msg=name)
     # θ' of the efficient path is the AdamW step of g: the downstream loss it reports is at θ'.
-    assert float(down_loss(res.params).detach()) == pytest.approx(res.down_loss, rel=1e-6)
+    assert float(down_loss(res.params).detach()) == pytest.approx(float(res.down_loss), rel=1e-6)
 
 
 def test_efficient_hypergradient_equals_autograd_through_the_unrolled_step_float64(tiny_setup):

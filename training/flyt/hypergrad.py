@@ -114,8 +114,8 @@ class StepResult:
     params: Params  # θ' (detached): the reference model after the step
     state: AdamWState  # AdamW history after the step
     extra_grads: list[torch.Tensor]  # ∂J/∂ of the downstream head's own parameters (ρ)
-    up_loss: float  # L_up(θ; w)
-    down_loss: float  # L_down(θ') (this rank's share)
+    up_loss: torch.Tensor  # L_up(θ; w), 0-dim and detached (float() waits for the device: read it when logging)
+    down_loss: torch.Tensor  # L_down(θ') (this rank's share), likewise
 
 
 DownLoss = Callable[[Params], torch.Tensor]  # θ' -> downstream loss (closes over batch and ρ)
@@ -229,7 +229,7 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
     new_state = AdamWState({k: x.detach() for k, x in exp_avg.items()},
                            {k: x.detach() for k, x in exp_avg_sq.items()}, state.step + 1)
     return StepResult(d=d, params={k: x.detach() for k, x in new_params.items()}, state=new_state,
-                      extra_grads=grads[len(names):], up_loss=float(up.detach()), down_loss=float(down.detach()))
+                      extra_grads=grads[len(names):], up_loss=up.detach(), down_loss=down.detach())
 
 
 def scorer_backward(scores_local: torch.Tensor, d: torch.Tensor, comm: Comm = LOCAL) -> torch.Tensor:

@@ -289,7 +289,7 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
 
 def _log_row(step, res, w, lr_ref, lr_phi, rho, params, seconds, comm) -> dict[str, Any]:
     n = w.numel()
-    return {"step": step, "up_loss": round(res.up_loss, 6), "down_loss": round(_mean(res.down_loss, comm), 6),
+    return {"step": step, "up_loss": round(float(res.up_loss), 6), "down_loss": round(_mean(res.down_loss, comm), 6),
             # effective sample size of the weights as a fraction of the batch (1 = uniform)
             "ess_fraction": round(float(1.0 / (w * w).sum() / n), 4), "w_max_x_batch": round(float(w.max() * n), 3),
             "lr_reference": lr_ref, "lr_scorer": lr_phi, "rho": round(float(rho.detach()), 4),
@@ -297,8 +297,8 @@ def _log_row(step, res, w, lr_ref, lr_phi, rho, params, seconds, comm) -> dict[s
             "step_seconds": round(seconds, 4)}
 
 
-def _mean(x: float, comm: Comm) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
+def _mean(x: torch.Tensor, comm: Comm) -> float:
+    t = x.detach().double().reshape(1)  # on the loss's device (NCCL reduces device tensors only)
     comm.mean_([t])
     return float(t)
 
