@@ -229,7 +229,7 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
     new_state = AdamWState({k: x.detach() for k, x in exp_avg.items()},
                            {k: x.detach() for k, x in exp_avg_sq.items()}, state.step + 1)
     return StepResult(d=d, params={k: x.detach() for k, x in new_params.items()}, state=new_state,
-                      extra_grads=grads[len(names):], up_loss=up.detach(), down_loss=down.detach())
+                      extra_grads=grads[len(names):], up_loss=up, down_loss=down.detach())
 
 
 def scorer_backward(scores_local: torch.Tensor, d: torch.Tensor, comm: Comm = LOCAL) -> torch.Tensor:

@@ -298,7 +298,8 @@ def _log_row(step, res, w, lr_ref, lr_phi, rho, params, seconds, comm) -> dict[s
 
 
 def _mean(x: torch.Tensor, comm: Comm) -> float:
-    t = x.detach().double().reshape(1)  # on the loss's device (NCCL reduces device tensors only)
+    # a copy on the loss's device (NCCL reduces device tensors only; the reduction is in place)
+    t = x.to(torch.float64, copy=True).reshape(1)
     comm.mean_([t])
     return float(t)
 
