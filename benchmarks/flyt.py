@@ -30,6 +30,7 @@ import torch
 
 from clipsift import config
 from clipsift.runlog import Timer
+from clipsift.runtime import keep_freed_memory
 
 
 def main() -> None:
@@ -47,6 +48,7 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "flyt.json"))
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    keep_freed_memory()  # as the CLI does
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

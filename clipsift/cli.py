@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from clipsift import config
+from clipsift.runtime import keep_freed_memory
 
 # name -> (module, one-line summary). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().parse_args(argv[:1] or ["--help"])
         return 2
     name, rest = argv[0], argv[1:]
+    keep_freed_memory()
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"clipsift {name}", description=module.HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

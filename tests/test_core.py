@@ -107,3 +107,33 @@ def test_foreign_subset_files_are_validated(tmp_path):
         formats.read_subset(tmp_path / "unsorted.npy")
     with pytest.raises(formats.FormatError, match="32 lowercase hex"):
         formats.uids_to_u8u8(["XYZ"])
+
+
+_REALLOCATE = """
+import resource, torch
+from clipsift.runtime import keep_freed_memory
+on = keep_freed_memory()
+for _ in range(10):  # the heap settles at its high-water mark
+    torch.empty(1 << 24).fill_(0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):  # what training steps do with their big buffers: free, allocate the same size again
+    torch.empty(1 << 24).fill_(0)
+print(on, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_stops_refaulting_reallocated_tensors():
+    import os
+
+    def run(flag: str) -> tuple[str, int]:
+        env = {**os.environ, "CLIPSIFT_KEEP_FREED_MEMORY": flag}
+        out = subprocess.run([sys.executable, "-c", _REALLOCATE], env=env, capture_output=True, text=True, check=True)
+        on, faults = out.stdout.split()
+        return on, int(faults)
+
+    (on, kept), (off, default) = run("1"), run("0")
+    assert (on, off) == ("True", "False")
+    pages = (1 << 24) * 4 // 4096  # one 64 MiB allocation
+    assert default > 5 * pages  # glibc unmaps the block on free and faults it in again each time
+    assert kept < pages // 10  # reused from the heap: its pages stay mapped

@@ -11,7 +11,8 @@ By the chain rule dJ/dw = (∂θ'/∂g · ∂g/∂w)ᵀ ∇θ' L_down, computed 
      closed form. Also gives ∂J/∂ρ of the downstream head.
   3. d = dJ/dw = ∂/∂w ⟨∇θ L_up(θ; w), v⟩. L_up depends on θ only through the batch embeddings
      E = (u, t, τ) = f_θ(x), so ⟨∇θ L_up, v⟩ = ⟨∇_E L_up(E; w), Ė⟩ with Ė = J_θ f · v, the JVP of
-     the embeddings along v (one forward-mode pass through the model). What is left is a mixed
+     the embeddings along v, taken from pass 1's graph (the transpose of its backward, which
+     reuses the saved activations: `upstream_gradient`, linearize). What is left is a mixed
      second derivative of a function of a few [B, D] tensors, taken with torch.func at
      embedding level.
   Then ∇φ J = VJP of w = softmax(q_φ(Ψ)) with d (left to the caller: `scorer_backward`).
@@ -35,9 +36,11 @@ from typing import Callable, ContextManager
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from clipsift.training.flyt.adamw import (AdamWHyper, AdamWState, Params, adamw_jacobian_product, adamw_step,
                                           adamw_update)
@@ -131,26 +134,82 @@ def _with_zeros(grads, params: Params) -> list[torch.Tensor]:
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
 
 
-def _global_embeddings(fmodel: FunctionalCLIP, params: Params, images: torch.Tensor, tokens: torch.Tensor,
-                       comm: Comm, amp: ContextManager) -> Embeddings:
-    with amp:
-        u, t, tau = fmodel(params, images, tokens)
-    # τ is one shared parameter: only rank 0 lets its gradient through, so the sum over ranks
-    # counts it once.
-    tau = _full(tau) if comm.rank == 0 else _full(tau).detach()
-    return comm.gather(_full(u), keep_grad=True), comm.gather(_full(t), keep_grad=True), tau
+def _frozen_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+                       momentum=0.1, eps=1e-5):
+    if training or running_mean is None:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    return torch.addcmul(shift.view(shape), input, scale.view(shape))
+
+
+class _AffineBatchNorm(TorchFunctionMode):
+    """BatchNorm with running statistics written as the affine map it is (x·s + b). Same values;
+    its second derivative is then a few element-wise ops, where batch_norm's general double
+    backward (batch statistics included) cost more than the whole rest of a ResNet's tangent pass."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.batch_norm:
+            return _frozen_batch_norm(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class Upstream:
+    g: list[torch.Tensor]  # ∇θ L_up summed over ranks, in params order, detached
+    loss: torch.Tensor  # L_up(θ; w), 0-dim, detached
+    embeddings: Embeddings | None  # the global batch's (u, t, τ), detached (with linearize)
+    tangent: Callable[[list[torch.Tensor]], Embeddings] | None  # v -> this rank's Ė = J_θ f · v (with linearize)
 
 
 def upstream_gradient(fmodel: FunctionalCLIP, params: Params, images: torch.Tensor, tokens: torch.Tensor,
                       w: torch.Tensor, comm: Comm = LOCAL,
-                      amp: Callable[[], ContextManager] = contextlib.nullcontext) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(g = ∇θ L_up(θ; w) summed over ranks, in params order; L_up), nothing kept in a graph."""
+                      amp: Callable[[], ContextManager] = contextlib.nullcontext, linearize: bool = False) -> Upstream:
+    """g = ∇θ L_up(θ; w) from one forward + backward of the reference model.
+
+    linearize: also return `tangent`, the JVP of this rank's embeddings along any v, which reuses
+    this pass instead of running the model again. The backward from the embeddings E to θ is
+    g = J_θ fᵀ · G with G = ∇_E L_up; it is linear in G, so running it with create_graph and
+    differentiating g in G along v gives J_θ f · v: the transpose of a transpose, which only
+    walks the backward's G-chain with the forward's saved activations (about one tangent
+    propagation, where forward-mode AD would recompute the primal forward as well). The graph
+    is kept until `tangent` is called once. Attention takes the math SDPA kernel here, the one
+    that is twice differentiable, and BatchNorm its affine form (_AffineBatchNorm).
+    """
     theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    u, t, tau = _global_embeddings(fmodel, theta, images, tokens, comm, amp())
-    up = weighted_clip_loss(u, t, tau, w.detach())
-    g = _with_zeros(torch.autograd.grad(up, list(theta.values()), allow_unused=True), theta)
+    leaves = list(theta.values())
+    with sdpa_kernel(SDPBackend.MATH) if linearize else contextlib.nullcontext():
+        with amp(), _AffineBatchNorm() if linearize else contextlib.nullcontext():
+            u_l, t_l, tau = fmodel(theta, images, tokens)
+        u_l, t_l, tau = _full(u_l), _full(t_l), _full(tau)
+        u, t = comm.gather(u_l, keep_grad=True), comm.gather(t_l, keep_grad=True)
+        up = weighted_clip_loss(u, t, tau, w.detach())
+        gu, gt, gtau = torch.autograd.grad(up, (u_l, t_l, tau))
+        if comm.rank != 0:
+            # τ is one shared parameter: only rank 0 lets its loss gradient through, so the sum
+            # over ranks counts it once. (The tangent in G_τ stays J_τ · v on every rank.)
+            gtau = torch.zeros_like(gtau)
+        # G as leaves: g is then a differentiable function of G (and of nothing else that varies).
+        cot = [x.detach().requires_grad_(linearize) for x in (gu, gt, gtau)]
+        g_graph = torch.autograd.grad((u_l, t_l, tau), leaves, cot, create_graph=linearize, allow_unused=True)
+    used = [i for i, x in enumerate(g_graph) if x is not None]
+    g = [torch.zeros_like(p) if x is None else x.detach() for x, p in zip(g_graph, leaves)]
+    if comm.distributed and linearize:
+        g = [x.clone() for x in g]  # the all-reduce must not write into the graph's tensors
     comm.sum_(g)
-    return g, up.detach()
+    if not linearize:
+        return Upstream(g, up.detach(), None, None)
+
+    def tangent(v: list[torch.Tensor]) -> Embeddings:
+        du, dt, dtau = torch.autograd.grad([g_graph[i] for i in used], cot, [v[i] for i in used], allow_unused=True)
+        return tuple(torch.zeros_like(c) if d is None else d for d, c in zip((du, dt, dtau), cot))
+
+    return Upstream(g, up.detach(), (u.detach(), t.detach(), tau.detach()), tangent)
 
 
 def warm_moments(fmodel: FunctionalCLIP, params: Params, state: AdamWState, hp: AdamWHyper,
@@ -165,7 +224,7 @@ def warm_moments(fmodel: FunctionalCLIP, params: Params, state: AdamWState, hp: 
     """
     n = images.shape[0] * comm.world_size
     w = torch.full((n,), 1.0 / n, device=images.device)
-    g, _ = upstream_gradient(fmodel, params, images, tokens, w, comm, amp)
+    g = upstream_gradient(fmodel, params, images, tokens, w, comm, amp).g
     _, m, v = adamw_update(params, dict(zip(params, g)), state, hp, frozenset())
     return AdamWState(m, v, state.step + 1)
 
@@ -189,7 +248,8 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
 
     # 1. g = ∇θ L_up(θ; w), summed over ranks.
     with phase("up_grad"):
-        g, up = upstream_gradient(fmodel, params, images, tokens, w, comm, amp)
+        upstream = upstream_gradient(fmodel, params, images, tokens, w, comm, amp, linearize=True)
+        g, up = upstream.g, upstream.loss
 
     # 2. v = ∂ L_down(AdamW(θ, g)) / ∂g (averaged over ranks), and ∂J/∂ρ. The update is element-wise,
     #    so v = ∇θ' L_down ⊙ ∂θ'/∂g with the diagonal Jacobian in closed form (adamw_jacobian_product;
@@ -208,17 +268,12 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
         if project is not None:
             new_params = project(new_params)
 
-    # 3. Ė = J_θ f · v (forward mode; the math SDPA kernel is the one with forward-mode AD), then
+    # 3. Ė = J_θ f · v through the upstream pass's linearisation (upstream_gradient), then
     #    d = ∂/∂w ⟨∇_E L_up(E; w), Ė⟩ at embedding level.
-    def embed(p: Params) -> Embeddings:
-        with amp():
-            u_, t_, tau_ = fmodel(p, images, tokens)
-        return _full(u_), _full(t_), _full(tau_)
-
-    with phase("jvp"), sdpa_kernel(SDPBackend.MATH):
-        (u, t, tau), (du, dt, dtau) = jvp(embed, ({k: x.detach() for k, x in params.items()},), (v,))
-    u, t, du, dt = (comm.gather(x.detach()) for x in (u, t, du, dt))
-    tau, dtau = tau.detach(), dtau.detach()
+    with phase("jvp"):
+        du, dt, dtau = upstream.tangent([v[k] for k in names])
+    u, t, tau = upstream.embeddings
+    du, dt = comm.gather(du), comm.gather(dt)
 
     def directional(w_: torch.Tensor) -> torch.Tensor:
         return jvp(lambda a, b, c: weighted_clip_loss(a, b, c, w_), (u, t, tau), (du, dt, dtau))[1]
