@@ -2,10 +2,14 @@
 
 Nothing here touches models or files, so every number can be checked against a hand computation.
 
-Ranks and ties: an item's rank is the number of *wrong* candidates scoring at least as high as
-the right one, and it is a top-k hit when rank < k. Without ties this is the usual top-k; with
-ties the wrong candidates win, so a collapsed model (all scores equal) scores 0, not 1. A
-non-finite score for the right candidate (a diverged model) is a miss.
+Ranks and ties: an item is a top-k hit when its rank (the number of wrong candidates placed
+before the right one) is < k. Classification counts every wrong class scoring at least as high as
+the right one, so a collapsed model (all scores equal) scores 0, not 1. Retrieval places candidates
+as a descending sort that keeps index order among equal scores: a wrong candidate tied with the
+right one comes first only if its index is lower. That is what clip_benchmark's torch.topk gives
+at k=1 (its ranking for DataComp's main metric mean_recall@1; measured on CPU torch 2.x), so a
+caption shared by two images counts for the image listed first. A non-finite score for the right
+candidate (a diverged model) is a miss either way.
 """
 from __future__ import annotations
 
@@ -88,17 +92,19 @@ def retrieval_metrics(
     for s in range(0, n_img, _CHUNK):
         sim = img[s : s + _CHUNK] @ txt.T  # (chunk, n_txt)
         own = text_image[None, :] == np.arange(s, s + len(sim))[:, None]
-        best = np.where(own, sim, -np.inf).max(axis=1)
-        rank = ((sim >= best[:, None]) & ~own).sum(axis=1)
-        i2t_rank[s : s + len(sim)] = np.where(np.isfinite(best), rank, _MISS)
+        own_sim = np.where(own, sim, -np.inf)
+        best = own_sim.max(axis=1)
+        first = (own_sim == best[:, None]).argmax(axis=1)  # the lowest-index own caption scoring best
+        i2t_rank[s : s + len(sim)] = np.where(np.isfinite(best), _placed_before(sim, best, first, own), _MISS)
 
     # text -> image: rank of each caption's image among the other images
     t2i_rank = np.empty(n_txt, dtype=np.int64)
     for s in range(0, n_txt, _CHUNK):
         sim = txt[s : s + _CHUNK] @ img.T  # (chunk, n_img)
-        right = sim[np.arange(len(sim)), text_image[s : s + _CHUNK]]
-        rank = (sim >= right[:, None]).sum(axis=1) - 1
-        t2i_rank[s : s + len(sim)] = np.where(np.isfinite(right), rank, _MISS)
+        right_idx = text_image[s : s + _CHUNK]
+        right = sim[np.arange(len(sim)), right_idx]
+        own = np.arange(n_img)[None, :] == right_idx[:, None]
+        t2i_rank[s : s + len(sim)] = np.where(np.isfinite(right), _placed_before(sim, right, right_idx, own), _MISS)
 
     out: dict[str, float] = {}
     for k in ks:
@@ -107,6 +113,14 @@ def retrieval_metrics(
     if 1 in ks:
         out["mean_recall@1"] = (out["image_retrieval_recall@1"] + out["text_retrieval_recall@1"]) / 2
     return out
+
+
+def _placed_before(sim: np.ndarray, score: np.ndarray, index: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """Per row: wrong candidates (not `own`) a stable descending sort puts before the one at `index`
+    scoring `score`: those scoring higher, and those scoring the same at a lower index."""
+    lower = np.arange(sim.shape[1])[None, :] < index[:, None]
+    before = (sim > score[:, None]) | ((sim == score[:, None]) & lower)
+    return (before & ~own).sum(axis=1)
 
 
 # Metric names each task type produces; a task's main_metric must be one of them.

@@ -98,17 +98,19 @@ def test_retrieval_metrics_match_hand_computation():
     got = M.retrieval_metrics(IMAGES, CAPTIONS, CAPTION_IMAGE, ks=(1, 2, 5))
     # image -> text: img0's best own caption (t0, 1.0) beats all others: hit. img1's only caption
     # (t2, .8) is beaten by t1 (1.0): rank 1. img2's best (t3, .8) beats all others: hit.
-    # text -> image: t0 -> img0 hit; t1 scores img1 (1) and img2 (0) >= img0 (0): rank 2;
-    # t2 -> img1 (.8) beats img0 (.6): hit; t3 -> img2 (.8) hit; t4 -> img0 (.8) beats img2 (.6): rank 1.
+    # text -> image: t0 -> img0 hit; t1 scores img1 (1) above img0 (0), and img2 (0) ties img0 but
+    # comes after it (higher index): rank 1; t2 -> img1 (.8) beats img0 (.6): hit; t3 -> img2 (.8)
+    # hit; t4 -> img0 (.8) beats img2 (.6): rank 1.
     assert got == pytest.approx({
         "text_retrieval_recall@1": 2 / 3, "text_retrieval_recall@2": 1.0, "text_retrieval_recall@5": 1.0,
-        "image_retrieval_recall@1": 3 / 5, "image_retrieval_recall@2": 4 / 5, "image_retrieval_recall@5": 1.0,
+        "image_retrieval_recall@1": 3 / 5, "image_retrieval_recall@2": 1.0, "image_retrieval_recall@5": 1.0,
         "mean_recall@1": (2 / 3 + 3 / 5) / 2,
     })
     # Cosine similarity: scaling embeddings or reordering captions changes nothing.
+    # (with no tie at a top-k boundary: the order of candidates decides ties)
     perm = np.array([4, 2, 0, 3, 1])
-    again = M.retrieval_metrics(IMAGES * 7, CAPTIONS[perm] * np.arange(1, 6)[:, None], CAPTION_IMAGE[perm], ks=(1, 2, 5))
-    assert again == pytest.approx(got)
+    again = M.retrieval_metrics(IMAGES * 7, CAPTIONS[perm] * np.arange(1, 6)[:, None], CAPTION_IMAGE[perm], ks=(1, 5))
+    assert again == pytest.approx({k: v for k, v in got.items() if "@2" not in k})
     with pytest.raises(ValueError, match="at least one caption"):
         M.retrieval_metrics(IMAGES, CAPTIONS[:2], CAPTION_IMAGE[:2])
 
@@ -448,3 +450,44 @@ def test_tokenizer_shortcut_gives_open_clips_tokens_on_world_and_web_captions(ci
         assert ours.clean_fn is not theirs.clean_fn  # the shortcut is in place
         texts = world_texts[:2000] + web
         assert torch.equal(ours(texts), theirs(texts)), arch
+
+
+# ---------------------------------------------------------------- retrieval ties (issue 22, item 10)
+def test_retrieval_ties_go_to_the_lower_index_as_clip_benchmarks_topk():
+    # Two images with the same caption text (identical caption embeddings): each image ties its own
+    # caption with the other's. The caption listed first wins: image 0 finds t0 (its own) first, a
+    # hit; image 1's own caption t1 comes after t0, a miss at k=1 (a tie counted as a miss before).
+    images = np.array([[1, 0, 0], [.96, .28, 0], [0, 0, 1]], dtype=np.float32)
+    captions = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float32)
+    got = M.retrieval_metrics(images, captions, np.array([0, 1, 2]), ks=(1, 2))
+    assert got["text_retrieval_recall@1"] == pytest.approx(2 / 3)  # images 0 and 2
+    assert got["text_retrieval_recall@2"] == 1.0
+    # text -> image: t0 and t1 both rank image 0 first (1.0 vs .96): t1 misses at k=1 without a tie.
+    # Two identical images tie instead: a caption of the second one misses, of the first one hits.
+    same = M.retrieval_metrics(images[[0, 0, 2]], captions, np.array([0, 1, 2]), ks=(1,))
+    assert same["image_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert same["text_retrieval_recall@1"] == pytest.approx(2 / 3)
+
+    # Many ties (coarse embeddings) against a stable descending sort at every k, and at k=1 against
+    # torch.topk itself, the call clip_benchmark ranks with (stable there for rows of >= 100).
+    rng = np.random.default_rng(3)
+    img = rng.integers(-1, 2, size=(120, 4)).astype(np.float32)
+    img[np.all(img == 0, axis=1)] = 1
+    txt = np.concatenate([img, img[rng.integers(0, 120, size=40)]])  # 40 captions shared with another image
+    caption_image = np.concatenate([np.arange(120), rng.integers(0, 120, size=40)])
+    sim = M.normalize(img) @ M.normalize(txt).T
+    ref = {}
+    for k in (1, 5, 10):
+        top_txt = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        ref[f"text_retrieval_recall@{k}"] = np.mean([(caption_image[top_txt[i]] == i).any() for i in range(120)])
+        top_img = np.argsort(-sim.T, axis=1, kind="stable")[:, :k]
+        ref[f"image_retrieval_recall@{k}"] = np.mean((top_img == caption_image[:, None]).any(1))
+    ref["mean_recall@1"] = (ref["text_retrieval_recall@1"] + ref["image_retrieval_recall@1"]) / 2
+    got = M.retrieval_metrics(img, txt, caption_image)
+    assert got == pytest.approx(ref)
+    assert 0 < ref["text_retrieval_recall@1"] < 1  # ties decided both ways: the test can tell the rules apart
+    scores = torch.from_numpy(sim.T.copy())  # clip_benchmark: texts x images, top-k over images
+    top1 = torch.topk(scores, 1, dim=1)[1][:, 0].numpy()
+    assert got["image_retrieval_recall@1"] == pytest.approx(np.mean(top1 == caption_image))
+    top1 = torch.topk(torch.from_numpy(sim.copy()), 1, dim=1)[1][:, 0].numpy()
+    assert got["text_retrieval_recall@1"] == pytest.approx(np.mean(caption_image[top1] == np.arange(120)))
