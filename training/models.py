@@ -9,6 +9,8 @@ standard tokenizer (vocab 49408), so checkpoints are plain open_clip checkpoints
                   transformer width 96 x 2 layers, context 20, embed 128
     world-rn-l    stand-in for L/14: ResNet [1,2,2,1] width 32, text width 128 x 4 layers, embed 256
     world-rn-s64, world-rn-l64   the same at 64 px, for the gpu world preset
+    world-vit-t   a tiny ViT (patch 8, width 64 x 2 layers at 32 px): the paper's ViT reference
+                  architecture at a size a CPU runs (FLYT's ViT path is tested with it)
 """
 from __future__ import annotations
 
