@@ -335,3 +335,45 @@ def test_decoding_matches_open_clips_eval_preprocessing():
         np.testing.assert_allclose(ours, theirs, atol=1.01 / 255)
     with pytest.raises(Exception):
         decode_image(buf.getvalue()[:60], 32)
+
+
+def test_open_clip_loads_a_run_by_local_dir_in_a_process_without_clipsift(few, tmp_path):
+    """Issue 22, item 11: clip_benchmark / DataComp's evaluate.py never import clipsift, so the world's
+    architecture names are unknown there; `local-dir:<run>/checkpoints` must still build the model and
+    load the run's latest weights (the same embeddings as in this process)."""
+    run = tmp_path / "run"
+    quick = [f"data.shards={few['shards']}", f"data.subset={few['subset']}", "samples_seen=96"]
+    train(make_cfg(run, *quick, "stop_after_steps=2"))
+    folder = checkpoint.latest_path(run).parent
+    assert json.loads((folder / checkpoint.OPEN_CLIP_CONFIG).read_text())["model_cfg"] == \
+        open_clip.get_model_config("world-rn-s")
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.normal(size=(2, 3, 32, 32)).astype(np.float32))
+    torch.save(image, tmp_path / "image.pt")
+    script = f"""
+import sys, torch, open_clip
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{folder}")
+tokens = open_clip.get_tokenizer("local-dir:{folder}")(["a red square", "two blue circles"])
+model.eval()
+with torch.no_grad():
+    out = {{"img": model.encode_image(torch.load("{tmp_path / 'image.pt'}")), "txt": model.encode_text(tokens),
+           "tokens": tokens, "size": preprocess.transforms[0].size}}
+assert not any(m == "clipsift" or m.startswith("clipsift.") for m in sys.modules), "clipsift was imported"
+torch.save(out, "{tmp_path / 'out.pt'}")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ""}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = torch.load(tmp_path / "out.pt")
+    model, _, preprocess = open_clip.create_model_and_transforms("world-rn-s", pretrained=str(checkpoint.latest_path(run)))
+    model.eval()
+    tokens = open_clip.get_tokenizer("world-rn-s")(["a red square", "two blue circles"])
+    with torch.no_grad():
+        assert torch.equal(theirs["img"], model.encode_image(image))
+        assert torch.equal(theirs["txt"], model.encode_text(tokens))
+    assert torch.equal(theirs["tokens"], tokens) and theirs["size"] == preprocess.transforms[0].size
+    # the weights link follows the latest checkpoint: after a resume, the final weights
+    train(make_cfg(run, *quick, "resume=latest"))
+    final, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    assert checkpoint.load(checkpoint.latest_path(run))["step"] == 3
+    assert_same_weights(final.state_dict(), weights(run))

@@ -4,17 +4,26 @@
 "epoch", "name") plus "step", "samples_seen", "config", "rng", "data_state", "log" and
 "train_seconds". Everything in it loads with torch.load(weights_only=True), so
 `open_clip.create_model_and_transforms(arch, pretrained=path)` reads it as it is.
+
+Beside it, for processes that never import clipsift (clip_benchmark, DataComp's evaluate.py) and so
+do not know the world's architecture names: open_clip_config.json ({"model_cfg": the architecture's
+open_clip config}) and open_clip_pytorch_model.bin, a relative link to epoch_latest.pt (the weights
+file name open_clip looks for first), so `open_clip.create_model_and_transforms("local-dir:<run>/checkpoints")`
+builds the architecture and loads the latest weights.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clipsift.runlog import atomic_path
+from clipsift.runlog import atomic_path, atomic_write_text
 
 LATEST = "epoch_latest.pt"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_pytorch_model.bin"  # first in open_clip's list of weight file names
 
 
 def latest_path(run_dir: str | Path) -> Path:
@@ -22,9 +31,29 @@ def latest_path(run_dir: str | Path) -> Path:
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a killed job leaves the previous checkpoint intact, never half a file."""
+    """Write atomically: a killed job leaves the previous checkpoint intact, never half a file.
+    An open_clip model checkpoint (its "state_dict" and architecture "name") also gets open_clip's
+    local-dir files beside it."""
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+    if "state_dict" in payload and "name" in payload:
+        write_open_clip_dir(path, payload["name"])
+
+
+def write_open_clip_dir(path: Path, arch: str) -> None:
+    """open_clip_config.json and the weights link beside checkpoint `path` (see the module doc)."""
+    import open_clip
+
+    from clipsift.training.models import register_model_configs
+
+    register_model_configs()
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
+        raise ValueError(f"{arch!r} is not an open_clip architecture; cannot describe {path} for open_clip")
+    atomic_write_text(path.parent / OPEN_CLIP_CONFIG, json.dumps({"model_cfg": model_cfg}, indent=2, sort_keys=True) + "\n")
+    with atomic_path(path.parent / OPEN_CLIP_WEIGHTS) as tmp:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path.name)  # relative, so the run folder can move
 
 
 def load(path: Path) -> dict[str, Any]:
