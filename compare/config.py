@@ -5,6 +5,10 @@ A strategy is a composition of scores, filters and a sampler:
     sample:  a sampler over one score column, among the kept rows (or the whole pool)
 At least one of the two is given. The scale fixes the training compute; a strategy only changes
 the data.
+
+A strategy that samples by a learned score (SEEDED_SCORES) trains its scorer once per seed: the
+run with training seed s uses the scorer trained with seed s (or scorer_seeds[i] for seeds[i]),
+so its seed-to-seed spread holds both the scorer's and the training run's variance.
 """
 from __future__ import annotations
 
@@ -14,6 +18,10 @@ from typing import Literal, Optional
 from clipsift.filters.base import FilterSpec
 from clipsift.filters.sample_cli import SampleConfig
 
+# Score columns a compare run learns itself, by the learned run that writes them; each is trained
+# once per scorer seed (an M-FLYT run mixes the FLYT score of its own scorer seed).
+SEEDED_SCORES = {"flyt_score": "flyt", "mflyt_score": "mflyt"}
+
 
 @dataclass
 class StrategySpec:
@@ -21,6 +29,14 @@ class StrategySpec:
     filter: Optional[FilterSpec] = None
     sample: Optional[SampleConfig] = None  # `metadata` and `out` are filled in by compare
     seeds: Optional[list[int]] = None  # this strategy's training seeds (default: the run's seeds)
+    # learned score only: the scorer seed of each training seed, in order (default: the training seed
+    # itself); e.g. [0, 0] holds the scorer fixed to measure the training seed's spread alone
+    scorer_seeds: Optional[list[int]] = None
+
+    @property
+    def learned(self) -> bool:
+        """Does this strategy sample by a score the compare run learns (one scorer per seed)?"""
+        return self.sample is not None and self.sample.score in SEEDED_SCORES
 
 
 @dataclass
@@ -31,9 +47,13 @@ class LearnedSpec:
     flyt_overrides: list[str] = field(default_factory=list)
     mflyt_preset: str = "ci"  # configs/mflyt/<preset>.yaml
     mflyt_overrides: list[str] = field(default_factory=list)
-    # score columns M-FLYT mixes (flyt_score is joined from the FLYT run when listed)
-    mflyt_columns: list[str] = field(default_factory=lambda: ["clip_b32_similarity_score", "clip_l14_similarity_score",
-                                                               "normsim_score", "flyt_score"])
+    # score columns M-FLYT mixes, one a line (flyt_score is joined from the FLYT run of the same scorer seed)
+    mflyt_columns: list[str] = field(default_factory=lambda: [
+        "clip_b32_similarity_score",
+        "clip_l14_similarity_score",
+        "normsim_score",
+        "flyt_score",
+    ])
 
 
 @dataclass
@@ -59,8 +79,19 @@ class CompareConfig:
         for s in self.strategies:
             if s.filter is None and s.sample is None:
                 raise ValueError(f"strategy {s.name}: give a filter, a sample, or both")
+            if s.scorer_seeds is not None:
+                if not s.learned:
+                    raise ValueError(f"strategy {s.name}: scorer_seeds applies only to a sample by a learned score "
+                                     f"({', '.join(SEEDED_SCORES)}); remove it")
+                if len(s.scorer_seeds) != len(s.seeds or self.seeds):
+                    raise ValueError(f"strategy {s.name}: scorer_seeds {s.scorer_seeds} needs one entry per training "
+                                     f"seed {s.seeds or self.seeds}")
         unknown = set(self.only) - set(names)
         if unknown:
             raise ValueError(f"only names unknown strategies {sorted(unknown)}; known: {names}")
         if not self.seeds:
             raise ValueError("seeds is empty")
+        for key in ("flyt_overrides", "mflyt_overrides"):
+            if any(o.split("=", 1)[0].strip() == "seed" for o in getattr(self.learned, key)):
+                raise ValueError(f"learned.{key}: compare sets the scorer seed per run; remove seed= and give the "
+                                 "strategy scorer_seeds instead")

@@ -3,12 +3,15 @@
 Written into out/report/: results.{md,csv,json}, report.md and PNG plots:
 average per strategy with error bars over seeds, per-task bars, score distributions per planted
 noise type, the fraction of each noise type each strategy kept, SCS repetition histograms and
-M-FLYT's learned weights.
+M-FLYT's learned weights. A strategy sampling by a learned score ran each seed with its own
+scorer: its spread covers the scorer's variance too, and the report gives the overlap (Jaccard)
+of its subsets across scorer seeds.
 """
 from __future__ import annotations
 
 import csv
 import io
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +36,12 @@ def aggregate(strategies, results: list[dict[str, Any]]) -> list[dict[str, Any]]
             v = np.array(values, dtype=float)
             return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
 
+        scorers = [r.get("scorer_seed") for r in runs]
         rows.append({
             "strategy": s.name, "seeds": [r["seed"] for r in runs],
+            # learned score: the scorer seed of each run; several distinct = the spread covers the scorer too
+            "scorer_seeds": scorers if s.learned else None,
+            "scorer_varies": s.learned and len(set(scorers)) > 1,
             "average": stat([r["summary"]["average"] for r in runs]),
             "tasks": {t: stat([value(r, t) for r in runs]) for t in tasks},
             "groups": {g: stat([r["summary"]["groups"][g] for r in runs]) for g in groups},
@@ -55,31 +62,85 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: -r["average"]["mean"]):
         n = len(r["seeds"])
-        cells = [r["strategy"], str(n), str(r["subset_size"]), str(r["unique"]),
+        cells = [r["strategy"], f"{n}*" if r.get("scorer_varies") else str(n), str(r["subset_size"]), str(r["unique"]),
                  *(_fmt(r["tasks"][t], n) for t in tasks), *(_fmt(r["groups"][g], n) for g in groups),
                  f"**{_fmt(r['average'], n)}**"]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.get("scorer_varies") for r in rows):
+        lines.append("\n\\* each seed a different learned scorer and a different training run (subset and "
+                     "unique: the first scorer seed's)")
     return "\n".join(lines) + "\n"
 
 
+def _mean_std(rows: list[dict[str, Any]]) -> float | None:
+    return 100 * float(np.mean([r["average"]["std"] for r in rows])) if rows else None
+
+
 def verdict(rows: list[dict[str, Any]]) -> str:
-    """Are the differences between strategies larger than the seed-to-seed spread? Said plainly."""
+    """Are the differences between strategies larger than the seed-to-seed spread? Said plainly.
+
+    Two kinds of spread: a fixed subset varies only the training seed; a learned score varies its
+    scorer too (each seed retrains it). A strategy's spread is its kind's mean std (the overall
+    mean where its kind has no multi-seed strategy); a gap counts when it exceeds twice the larger
+    of the two strategies' spreads."""
     if len(rows) < 2:
         return "Only one strategy: nothing to compare."
-    spread = [r["average"]["std"] for r in rows if len(r["seeds"]) > 1]
+    multi = [r for r in rows if len(r["seeds"]) > 1]
     order = sorted(rows, key=lambda r: -r["average"]["mean"])
     best, worst = order[0], order[-1]
-    gap = 100 * (best["average"]["mean"] - worst["average"]["mean"])
-    if not spread:
-        return (f"Best ({best['strategy']}) minus worst ({worst['strategy']}): {gap:.1f} points. Every strategy ran "
-                "with one seed, so the seed-to-seed spread is unknown: run with more seeds before trusting an order.")
-    sd = 100 * float(np.mean(spread))
-    clear = [r["strategy"] for r in order if 100 * (best["average"]["mean"] - r["average"]["mean"]) > 2 * sd]
+    gap = lambda r: 100 * (best["average"]["mean"] - r["average"]["mean"])  # noqa: E731
+    if not multi:
+        return (f"Best ({best['strategy']}) minus worst ({worst['strategy']}): {gap(worst):.1f} points. Every strategy "
+                "ran with one seed, so the seed-to-seed spread is unknown: run with more seeds before trusting an order.")
+    both = [r for r in multi if r.get("scorer_varies")]
+    fixed = [r for r in multi if r.get("scorer_seeds") is None]
+    sd_all, sd_both, sd_fixed = _mean_std(multi), _mean_std(both), _mean_std(fixed)
+
+    def spread(r: dict[str, Any]) -> float:
+        own = sd_both if r.get("scorer_seeds") is not None else sd_fixed
+        return own if own is not None else sd_all
+
+    clear = [r["strategy"] for r in order[1:] if gap(r) > 2 * max(spread(best), spread(r))]
     ties = [r["strategy"] for r in order if r["strategy"] not in clear]
-    return (f"Seed-to-seed spread (std of the average, mean over the {len(spread)} strategies run with several "
-            f"seeds): {sd:.1f} points. Best ({best['strategy']}) minus worst ({worst['strategy']}): {gap:.1f} points, "
-            f"{gap / sd if sd else float('inf'):.1f}x the spread. Within 2 spreads of the best (not separable here): "
-            f"{', '.join(ties)}. Clearly below the best: {', '.join(clear) or 'none'}.")
+    names = lambda rs: ", ".join(r["strategy"] for r in rs)  # noqa: E731
+    parts = [f"Seed-to-seed spread (std of the average over seeds, mean over the {len(multi)} strategies run with "
+             f"several seeds): {sd_all:.1f} points."]
+    if both:
+        parts.append(f"It covers both sources of variance: for a learned score each seed is a different scorer and a "
+                     f"different training run ({names(both)}: mean std {sd_both:.1f})"
+                     + (f"; a fixed subset varies only the training seed ({names(fixed)}: {sd_fixed:.1f})."
+                        if fixed else "."))
+    elif any(r.get("scorer_seeds") is not None for r in rows):
+        parts.append("No learned strategy ran with several scorer seeds, so this spread leaves out the scorer's own "
+                     "variance (retraining it moves its subset), the larger source for learned scores: treat their "
+                     "gaps with care.")
+    s_best = spread(best)
+    parts.append(f"Best ({best['strategy']}) minus worst ({worst['strategy']}): {gap(worst):.1f} points, "
+                 f"{gap(worst) / s_best if s_best else float('inf'):.1f}x the best's spread. A gap counts when it "
+                 f"exceeds twice the larger spread of the two strategies (a learned strategy's is the scorer-and-"
+                 f"training spread). Not separable from the best here: {', '.join(ties)}. "
+                 f"Clearly below the best: {', '.join(clear) or 'none'}.")
+    return " ".join(parts)
+
+
+def subset_overlap(compare, strategies) -> dict[str, dict[str, Any]]:
+    """Per learned strategy with several scorer seeds: the Jaccard overlap of the subsets' unique
+    examples (a top-k's k best; a sampler's drawn examples) between every pair of scorer seeds."""
+    from clipsift import formats
+
+    out = {}
+    for s in strategies:
+        scorers = sorted({sc for _, sc in compare.plan(s) if sc is not None})
+        paths = {sc: compare.subset_path(s, sc) for sc in scorers}
+        sets = {sc: np.unique(formats.read_subset(p)) for sc, p in paths.items() if p.is_file()}
+        if len(sets) < 2:
+            continue
+        pairs = {f"{a}-{b}": len(np.intersect1d(sets[a], sets[b])) / max(1, len(np.union1d(sets[a], sets[b])))
+                 for a, b in combinations(sorted(sets), 2)}
+        out[s.name] = {"scorer_seeds": sorted(sets), "unique": {str(k): int(len(v)) for k, v in sets.items()},
+                       "jaccard": pairs, "mean": float(np.mean(list(pairs.values()))),
+                       "min": float(min(pairs.values()))}
+    return out
 
 
 def csv_table(rows: list[dict[str, Any]]) -> str:
@@ -97,8 +158,14 @@ def csv_table(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _scorer_seeds(compare, strategy) -> list[int | None]:
+    """The scorer seeds a strategy's runs used, in order ([None] without a learned score)."""
+    return list(dict.fromkeys(sc for _, sc in compare.plan(strategy)))
+
+
 def noise_kept(compare, strategies) -> dict[str, dict[str, float]]:
-    """Per strategy, the fraction of each planted noise kind whose uid is in the subset (world only)."""
+    """Per strategy, the fraction of each planted noise kind whose uid is in the subset (world only);
+    a learned strategy's is the mean over its scorer seeds' subsets."""
     from clipsift.world.generate import load_ground_truth
 
     gt = load_ground_truth(compare.world)
@@ -106,28 +173,28 @@ def noise_kept(compare, strategies) -> dict[str, dict[str, float]]:
     keys = formats.uids_to_u8u8(gt.column("uid").to_pylist())
     out = {}
     for s in strategies:
-        path = compare.out / "subsets" / s.name / "subset.npy"
-        if not path.is_file():
+        paths = [p for p in (compare.subset_path(s, sc) for sc in _scorer_seeds(compare, s)) if p.is_file()]
+        if not paths:
             continue
-        inside = np.isin(keys, np.load(path))
+        inside = np.mean([np.isin(keys, np.load(p)) for p in paths], axis=0)
         out[s.name] = {k: float(inside[kinds == k].mean()) for k in sorted(set(kinds))}
     return out
 
 
-def score_by_noise(compare, columns: list[str]) -> dict[str, dict[str, np.ndarray]]:
+def score_by_noise(compare, columns: list[str], scorer_seed: int) -> dict[str, dict[str, np.ndarray]]:
     """Score values per planted noise kind, for each score column this run has computed (none is
-    computed here: the report only reads what the strategies produced)."""
+    computed here: the report only reads what the strategies produced); learned scores of one seed."""
     import pyarrow.parquet as pq
 
+    from clipsift.compare.config import SEEDED_SCORES
     from clipsift.world.generate import load_ground_truth
 
     gt = load_ground_truth(compare.world)
     kind_of = dict(zip(gt.column("uid").to_pylist(), gt.column("noise").to_pylist()))
-    folders = {"flyt_score": compare.out / "scores" / "flyt" / "scores",
-               "mflyt_score": compare.out / "scores" / "mflyt" / "scores"}
     out = {}
     for col in columns:
-        folder = folders.get(col, compare.out / "pipeline" / "metadata")
+        folder = (compare.learned_dir(SEEDED_SCORES[col], scorer_seed) / "scores" if col in SEEDED_SCORES
+                  else compare.out / "pipeline" / "metadata")
         files = [f for f in sorted(folder.glob("*.parquet")) if col in pq.read_schema(f).names]
         by: dict[str, list[float]] = {}
         for f in files:
@@ -140,6 +207,16 @@ def score_by_noise(compare, columns: list[str]) -> dict[str, dict[str, np.ndarra
     return out
 
 
+def mixer_weights(compare) -> dict[int, dict[str, float]]:
+    """M-FLYT's learned weights per scorer seed that ran."""
+    out = {}
+    for stats in sorted((compare.out / "scores" / "mflyt").glob("seed*/stats.json")):
+        weights = read_json(stats).get("mixer_weights")
+        if weights:
+            out[int(stats.parent.name[len("seed"):])] = weights
+    return dict(sorted(out.items()))
+
+
 def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
     import matplotlib
 
@@ -149,7 +226,8 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
     out = compare.out / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(strategies, results)
-    write_json(out / "results.json", {"rows": rows, "runs": results})
+    overlap = subset_overlap(compare, strategies)
+    write_json(out / "results.json", {"rows": rows, "runs": results, "subset_overlap": overlap})
     atomic_write_text(out / "results.md", markdown_table(rows) + "\n" + verdict(rows) + "\n")
     atomic_write_text(out / "results.csv", csv_table(rows))
     figures = []
@@ -162,7 +240,8 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
         stds = [100 * r["average"]["std"] for r in order][::-1]
         ax.barh(names, means, xerr=stds, color="#4C72B0", capsize=3)
         ax.set_xlabel("average zero-shot main metric (%)")
-        ax.set_title("Average over tasks at fixed compute (error bars: std over seeds)")
+        ax.set_title("Average over tasks at fixed compute (error bars: std over seeds;\n"
+                     "a learned score's seeds are different scorers too)", fontsize=9)
         figures.append(_save(fig, out / "average.png", "Average per strategy"))
 
         tasks = list(order[0]["tasks"])
@@ -196,7 +275,8 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
         write_json(out / "noise_kept.json", kept)
 
     cols = ["clip_b32_similarity_score", "clip_l14_similarity_score", "flyt_score", "mflyt_score"]
-    dists = score_by_noise(compare, cols)
+    first = min((sc for s in strategies for sc in _scorer_seeds(compare, s) if sc is not None), default=0)
+    dists = score_by_noise(compare, cols, first)
     if dists:
         fig, axes = plt.subplots(1, len(dists), figsize=(4.2 * len(dists), 3.8), squeeze=False)
         for ax, (col, by) in zip(axes[0], dists.items()):
@@ -204,12 +284,12 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
             ax.boxplot([by[k] for k in kinds], showfliers=False)
             ax.set_xticks(range(1, len(kinds) + 1), kinds, rotation=45, ha="right", fontsize=7)
             ax.set_title(col, fontsize=9)
-        fig.suptitle("Score distributions per planted noise kind")
+        fig.suptitle(f"Score distributions per planted noise kind (learned scores: scorer seed {first})")
         figures.append(_save(fig, out / "scores_by_noise.png", "Score distributions per noise kind"))
 
     hists = {}
-    for s in strategies:
-        stats_path = compare.out / "subsets" / s.name / "sample_stats.json"
+    for s in strategies:  # the first scorer seed's subset
+        stats_path = compare.subset_path(s, _scorer_seeds(compare, s)[0]).with_name("sample_stats.json")
         if stats_path.is_file() and read_json(stats_path)["method"] in ("scs", "hcs"):
             hists[s.name] = {int(k): v for k, v in read_json(stats_path)["repetition_histogram"].items()}
     if hists:
@@ -224,13 +304,16 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
         ax.set_title("Soft Cap Sampling: repetition histogram")
         figures.append(_save(fig, out / "scs_repetitions.png", "SCS repetition histogram"))
 
-    mflyt_stats = compare.out / "scores" / "mflyt" / "stats.json"
-    weights = read_json(mflyt_stats).get("mixer_weights") if mflyt_stats.is_file() else None
+    weights = mixer_weights(compare)
     if weights:
-        fig, ax = plt.subplots(figsize=(6, 0.5 * len(weights) + 1.5))
-        ax.barh(list(weights), list(weights.values()), color="#DD8452")
+        names = list(next(iter(weights.values())))
+        grid = np.array([[w.get(n, np.nan) for n in names] for w in weights.values()])
+        fig, ax = plt.subplots(figsize=(6, 0.5 * len(names) + 1.5))
+        ax.barh(names, np.nanmean(grid, axis=0), xerr=np.nanstd(grid, axis=0) if len(grid) > 1 else None,
+                color="#DD8452", capsize=3)
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_title("M-FLYT learned weights (standardised inputs)")
+        ax.set_title(f"M-FLYT learned weights (standardised inputs; mean over scorer seeds {list(weights)})",
+                     fontsize=9)
         figures.append(_save(fig, out / "mflyt_weights.png", "M-FLYT weights"))
 
     page = ["# clipsift compare report", "",
@@ -243,8 +326,19 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
         page += ["", "## Planted noise kept", "", "| strategy | " + " | ".join(kinds) + " |",
                  "|" + "---|" * (len(kinds) + 1)]
         page += [f"| {n} | " + " | ".join(f"{kept[n][k]:.2f}" for k in kinds) + " |" for n in kept]
+    if overlap:
+        page += ["", "## Subset stability across scorer seeds", "",
+                 "Jaccard overlap of the unique examples of each learned strategy's subsets, one subset per "
+                 "scorer seed (1 = the same examples; a top-k's k best, a sampler's drawn examples).", "",
+                 "| strategy | scorer seeds | unique per seed | Jaccard (pairs) | mean |", "|---|---|---|---|---|"]
+        page += [f"| {n} | {o['scorer_seeds']} | {', '.join(o['unique'].values())} | "
+                 f"{', '.join(f'{k}: {v:.2f}' for k, v in o['jaccard'].items())} | {o['mean']:.2f} |"
+                 for n, o in overlap.items()]
     if weights:
-        page += ["", "## M-FLYT weights", "", *(f"- `{k}`: {v:+.3f}" for k, v in weights.items())]
+        page += ["", "## M-FLYT weights", "", "| input | " + " | ".join(f"scorer seed {k}" for k in weights) + " |",
+                 "|---|" + "---|" * len(weights)]
+        page += [f"| `{n}` | " + " | ".join(f"{w.get(n, float('nan')):+.3f}" for w in weights.values()) + " |"
+                 for n in next(iter(weights.values()))]
     page += ["", "## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for name, title in figures]
     atomic_write_text(out / "report.md", "\n".join(page) + "\n")
     return out

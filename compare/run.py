@@ -5,6 +5,11 @@
           ─► per strategy: subset ─► per seed: train (fixed compute) ─► eval ─► result.json
           ─► table, plots, report
 
+A strategy sampling by a learned score (flyt_score, mflyt_score) trains its scorer once per seed
+(scorer seed = training seed, or the strategy's scorer_seeds): scorers under out/scores/<kind>/
+seed<s>/, subsets under out/subsets/<name>/scorer_seed<s>/, runs under out/runs/<name>/
+seed<t>_scorer<s>/, so the spread over its seeds holds the scorer's variance too.
+
 Shared work is computed once and cached under `out/`: each step is resumable on its own (the
 world, reference models, pipeline, filters and training all skip or resume finished work), and a
 strategy × seed whose result.json exists is not run again, so a killed compare resumes where it
@@ -21,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from clipsift import config, formats
-from clipsift.compare.config import CompareConfig, StrategySpec
+from clipsift.compare.config import SEEDED_SCORES, CompareConfig, StrategySpec
 from clipsift.runlog import Timer, read_json, write_json
 
 log = logging.getLogger("clipsift.compare")
@@ -107,12 +112,19 @@ class Compare:
 
         return self.step("downstream embeddings", make)
 
-    def score_folder(self, column: str) -> Path:
-        """The folder of parquets holding `column` (uid-keyed), computing a learned score if needed."""
+    def score_folder(self, column: str, scorer_seed: int = 0) -> Path:
+        """The folder of parquets holding `column` (uid-keyed), computing a learned score if needed;
+        a seeded score (flyt_score, mflyt_score) is the one its scorer learned with scorer_seed."""
         kind = LEARNED.get(column)
         if kind is None:
             return self.metadata
-        return self.step(f"{kind} scores", getattr(self, f"_{kind}"))
+        if column not in SEEDED_SCORES:
+            return self.step(f"{kind} scores", getattr(self, f"_{kind}"))
+        return self.step(f"{kind} scores (scorer seed {scorer_seed})", lambda: getattr(self, f"_{kind}")(scorer_seed))
+
+    def learned_dir(self, kind: str, scorer_seed: int) -> Path:
+        """Where the FLYT/M-FLYT run of one scorer seed lives (run dir; its scores/ holds the column)."""
+        return self.out / "scores" / kind / f"seed{scorer_seed}"
 
     def _normsim(self) -> Path:
         from clipsift.filters.base import FilterSpec
@@ -125,50 +137,59 @@ class Compare:
                                 downstream=DownstreamConfig(embeddings=str(self.downstream))), log=self.echo)
         return out
 
-    def _flyt(self) -> Path:
-        from clipsift.training.flyt.config import FlytConfig
+    def _learned(self, kind: str, scorer_seed: int, overrides: list[str], fill: Callable[[Any], None]) -> Path:
+        """Train (or resume) one FLYT-loop scorer with seed scorer_seed and score the pool."""
+        from clipsift.training.flyt.config import FlytConfig, MFlytConfig
         from clipsift.training.flyt.train import run
 
-        out = self.out / "scores" / "flyt"
+        out = self.learned_dir(kind, scorer_seed)
         if not (out / "stats.json").is_file() or not read_json(out / "stats.json").get("scored"):
-            cfg = config.load(FlytConfig, config.preset_path("flyt", self.cfg.learned.flyt_preset),
+            preset = getattr(self.cfg.learned, f"{kind}_preset")
+            cfg = config.load({"flyt": FlytConfig, "mflyt": MFlytConfig}[kind], config.preset_path(kind, preset),
                               [f"world={self.world}", f"metadata={self.metadata}", f"out={out}", "resume=latest",
                                f"decode_cache={self.out / 'decoded'}",
-                               f"progress={str(self.cfg.progress).lower()}", *self.cfg.learned.flyt_overrides])
+                               f"progress={str(self.cfg.progress).lower()}", *overrides,
+                               f"seed={scorer_seed}"])  # last: the scorer seed is compare's to set
+            fill(cfg)
             cfg.reference.pretrained = str(self.references["b32"].checkpoint)
             run(cfg)
         return out / "scores"
 
-    def _mflyt(self) -> Path:
-        from clipsift.training.flyt.config import MFlytConfig
-        from clipsift.training.flyt.train import run
+    def _flyt(self, scorer_seed: int) -> Path:
+        return self._learned("flyt", scorer_seed, self.cfg.learned.flyt_overrides, lambda cfg: None)
 
-        out = self.out / "scores" / "mflyt"
+    def _mflyt(self, scorer_seed: int) -> Path:
         columns = list(self.cfg.learned.mflyt_columns)
-        extra = [str(self.score_folder(c)) for c in columns if c in LEARNED and c != "mflyt_score"]
-        if not (out / "stats.json").is_file() or not read_json(out / "stats.json").get("scored"):
-            cfg = config.load(MFlytConfig, config.preset_path("mflyt", self.cfg.learned.mflyt_preset),
-                              [f"world={self.world}", f"metadata={self.metadata}", f"out={out}", "resume=latest",
-                               f"decode_cache={self.out / 'decoded'}",
-                               f"progress={str(self.cfg.progress).lower()}", *self.cfg.learned.mflyt_overrides])
+        extra = [str(self.score_folder(c, scorer_seed)) for c in columns if c in LEARNED and c != "mflyt_score"]
+
+        def fill(cfg) -> None:
             cfg.mixer.columns = columns
             cfg.mixer.extra_metadata = extra
-            cfg.reference.pretrained = str(self.references["b32"].checkpoint)
-            run(cfg)
-        return out / "scores"
+
+        return self._learned("mflyt", scorer_seed, self.cfg.learned.mflyt_overrides, fill)
 
     # ------------------------------------------------------------ strategies
-    def subset(self, strategy: StrategySpec) -> Path:
-        """The strategy's DataComp subset file (cached)."""
+    def plan(self, strategy: StrategySpec) -> list[tuple[int, int | None]]:
+        """(training seed, scorer seed) of each run of the strategy; scorer seed None: no learned score."""
+        seeds = strategy.seeds or self.cfg.seeds
+        if not strategy.learned:
+            return [(seed, None) for seed in seeds]
+        return list(zip(seeds, strategy.scorer_seeds or seeds))
+
+    def subset_path(self, strategy: StrategySpec, scorer_seed: int | None) -> Path:
         folder = self.out / "subsets" / strategy.name
-        path = folder / "subset.npy"
+        return (folder if scorer_seed is None else folder / f"scorer_seed{scorer_seed}") / "subset.npy"
+
+    def subset(self, strategy: StrategySpec, scorer_seed: int | None = None) -> Path:
+        """The strategy's DataComp subset file (cached; one per scorer seed for a learned score)."""
+        path = self.subset_path(strategy, scorer_seed)
         if path.is_file():
             return path
         kept: np.ndarray | None = None
         if strategy.filter is not None:
             from clipsift.filters.filter_cli import DownstreamConfig, FilterRunConfig, run
 
-            ffolder = folder / "filter"
+            ffolder = self.out / "subsets" / strategy.name / "filter"
             if not (ffolder / "stats.json").is_file():
                 needs_down = _uses(strategy.filter, ("image_based", "normsim"))
                 concepts = str(self.world) if _uses(strategy.filter, ("text_based",)) else ""
@@ -179,56 +200,62 @@ class Compare:
             if strategy.sample is None:
                 formats.write_subset(path, formats.u8u8_to_uids(kept))
                 return path
-        self._sample(strategy, kept, path)
+        self._sample(strategy, kept, path, scorer_seed or 0)
         return path
 
-    def _sample(self, strategy: StrategySpec, kept: np.ndarray | None, path: Path) -> None:
-        import pyarrow as pa
+    def train_config(self, overrides: list[str] = ()) -> Any:
+        from clipsift.training.config import TrainConfig
 
+        return config.load(TrainConfig, config.preset_path("train", self.cfg.scale),
+                           [*overrides, *self.cfg.scale_overrides])
+
+    def _sample(self, strategy: StrategySpec, kept: np.ndarray | None, path: Path, scorer_seed: int) -> None:
         from clipsift.filters import sampling
-        from clipsift.filters.sample_cli import metadata_files, read_scores, sample_counts
+        from clipsift.filters.sample_cli import metadata_files, read_scores, sample_counts, scs_round_size
 
         spec = strategy.sample
         assert spec is not None
-        rows, uids, scores = read_scores(metadata_files(str(self.score_folder(spec.score))), spec.score)
+        folder = self.score_folder(spec.score, scorer_seed)
+        rows, uids, scores = read_scores(metadata_files(str(folder)), spec.score)
         uid_list = uids.to_numpy(zero_copy_only=False)
         if kept is not None:  # sample among the rows the filter kept
             mask = np.isin(formats.uids_to_u8u8(uid_list), kept)
             uid_list, scores = uid_list[mask], scores[mask]
-        cfg = replace(spec, metadata=str(self.score_folder(spec.score)), out=str(path), progress=False)
-        if cfg.method == "scs" and cfg.batch_size > len(scores) // 10:
-            cfg.batch_size = max(1, len(scores) // 100)  # ~100 rounds, as FLYT's 100k draws of 128M x 10
+        cfg = replace(spec, metadata=str(folder), out=str(path), progress=False)
+        if cfg.method in ("scs", "hcs") and cfg.total == 0:
+            cfg.total = self.train_config().samples_seen  # FLYT: the stream is the training run's samples seen
+        if cfg.method == "scs":
+            cfg.batch_size = scs_round_size(len(scores), cfg.batch_size)
         counts = sample_counts(scores, cfg)
         keep = np.flatnonzero(counts)
         sampling.write_counts_subset(path, uid_list[keep], counts[keep])
         write_json(path.with_name("sample_stats.json"), {
-            "method": cfg.method, "score": cfg.score, "candidates": int(len(scores)), "rows": rows.as_dict(),
-            "total": int(counts.sum()), "unique": int(len(keep)),
-            "repetition_histogram": sampling.repetition_histogram(counts), "batch_size": cfg.batch_size})
+            "method": cfg.method, "score": cfg.score, "scorer_seed": scorer_seed if strategy.learned else None,
+            "candidates": int(len(scores)), "rows": rows.as_dict(), "total": int(counts.sum()),
+            "unique": int(len(keep)), "repetition_histogram": sampling.repetition_histogram(counts),
+            "batch_size": cfg.batch_size})
         config.dump(cfg, path.with_name("sample_config.yaml"))
 
-    def train_and_eval(self, strategy: StrategySpec, seed: int) -> dict[str, Any]:
+    def train_and_eval(self, strategy: StrategySpec, seed: int, scorer_seed: int | None = None) -> dict[str, Any]:
         from clipsift.eval.evaluate import evaluate
         from clipsift.eval.models import ModelSpec
-        from clipsift.training.config import TrainConfig
         from clipsift.training.loop import train
 
-        run = self.out / "runs" / strategy.name / f"seed{seed}"
+        name = f"seed{seed}" if scorer_seed is None else f"seed{seed}_scorer{scorer_seed}"
+        run = self.out / "runs" / strategy.name / name
         result_path = run / "result.json"
         if result_path.is_file():
             return read_json(result_path)
-        subset = self.subset(strategy)
-        tcfg = config.load(TrainConfig, config.preset_path("train", self.cfg.scale),
-                           [f"out={run / 'train'}", f"seed={seed}", f"data.shards={self.world / 'pool' / 'shards'}",
-                            f"data.subset={subset}", f"data.decode_cache={self.out / 'decoded'}", "resume=latest",
-                            f"progress={str(self.cfg.progress).lower()}",
-                            *self.cfg.scale_overrides])
+        subset = self.subset(strategy, scorer_seed)
+        tcfg = self.train_config([f"out={run / 'train'}", f"seed={seed}", f"data.shards={self.world / 'pool' / 'shards'}",
+                                  f"data.subset={subset}", f"data.decode_cache={self.out / 'decoded'}",
+                                  "resume=latest", f"progress={str(self.cfg.progress).lower()}"])
         t0 = time.perf_counter()
         train(tcfg)
         train_s = time.perf_counter() - t0
         summary = evaluate(ModelSpec(tcfg.model, str(run / "train")), self.world / "tasks.yaml", run / "eval")
         arr = formats.read_subset(subset)
-        result = {"strategy": strategy.name, "seed": seed, "subset_size": int(len(arr)),
+        result = {"strategy": strategy.name, "seed": seed, "scorer_seed": scorer_seed, "subset_size": int(len(arr)),
                   "unique": int(len(np.unique(arr))), "train_seconds": round(train_s, 1), "summary": summary}
         write_json(result_path, result)
         return result
@@ -239,14 +266,15 @@ class Compare:
         self.out.mkdir(parents=True, exist_ok=True)
         config.dump(self.cfg, self.out / "config.yaml")
         strategies = [s for s in self.cfg.strategies if not self.cfg.only or s.name in self.cfg.only]
-        plan = [(s, seed) for s in strategies for seed in (s.seeds or self.cfg.seeds)]
+        plan = [(s, seed, scorer) for s in strategies for seed, scorer in self.plan(s)]
         results = []
-        for i, (strategy, seed) in enumerate(plan):
-            self.echo(f"[compare] run {i + 1}/{len(plan)}: {strategy.name} (seed {seed})")
+        for i, (strategy, seed, scorer) in enumerate(plan):
+            which = f"seed {seed}" + ("" if scorer is None else f", scorer seed {scorer}")
+            self.echo(f"[compare] run {i + 1}/{len(plan)}: {strategy.name} ({which})")
             with self.timer(f"strategy/{strategy.name}"):
-                res = self.train_and_eval(strategy, seed)
+                res = self.train_and_eval(strategy, seed, scorer)
             results.append(res)
-            self.echo(f"[compare]   {strategy.name} seed {seed}: average {res['summary']['average']:.4f}, "
+            self.echo(f"[compare]   {strategy.name} {which}: average {res['summary']['average']:.4f}, "
                       f"{res['unique']} unique / {res['subset_size']} in subset")
         write_json(self.out / "stats.json", {"timings_s": self.timer.as_dict(), "runs": len(results)})
         write_report(self, strategies, results)

@@ -31,8 +31,8 @@ class SampleConfig:
     score: str = "clip_b32_similarity_score"  # the column to sample by (higher = better)
     method: Literal["scs", "hcs", "top_fraction", "threshold"] = "scs"
     alpha: float = sampling.DEFAULT_ALPHA  # scs: logit decrease per draw
-    batch_size: int = sampling.DEFAULT_BATCH_SIZE  # scs: distinct draws per round
-    total: int = 0  # scs/hcs: draws to make; 0 = number of sampled rows (samples seen = pool size)
+    batch_size: int = 0  # scs: distinct draws per round; 0 = scaled to the rows as FLYT's 100k to 128M
+    total: int = 0  # scs/hcs: draws to make; 0 = number of sampled rows (DataComp: samples seen = pool size)
     fraction: float = 0.3  # top_fraction: keep floor(fraction * rows) examples
     threshold: Optional[float] = None  # threshold: keep score >= threshold
     cap: int = 0  # hcs: at most this many draws per example (required for hcs)
@@ -42,13 +42,23 @@ class SampleConfig:
     progress: bool = True  # scs: a progress bar over rounds on stderr
 
 
+# FLYT's Soft Cap Sampling at DataComp medium: rounds of 100k distinct draws from a 128M pool.
+FLYT_ROUND_FRACTION = 100_000 / 128_000_000
+
+
+def scs_round_size(rows: int, batch_size: int = 0) -> int:
+    """A round's distinct draws: batch_size, or (0) the rows scaled as FLYT's 100k is to 128M (>= 1)."""
+    return batch_size or max(1, round(rows * FLYT_ROUND_FRACTION))
+
+
 CONFIG = SampleConfig
 GROUP = "sample"
 HELP = """Turn one score column into a DataComp subset: Soft Cap Sampling (scs, FLYT), Hard Cap
 Sampling (hcs), the top fraction, or a threshold. Reads uid + the score column of every parquet
 under `metadata` (a folder or a glob; file-name order). Rows with a null/NaN/infinite score or a
 malformed uid are skipped and counted by reason. total=0 draws as many samples as there are rows
-(DataComp: samples seen = pool size). Writes `out` (sorted u8,u8 uids, one entry per draw) and
+(DataComp: samples seen = pool size); scs batch_size=0 scales the round to the pool as FLYT's
+100k draws are to its 128M rows. Writes `out` (sorted u8,u8 uids, one entry per draw) and
 <stem>.config.yaml, <stem>.stats.json beside it. Deterministic given `seed`.
 Example: clipsift sample -p scs metadata=runs/scores score=flyt_score out=runs/subsets/scs.npy"""
 
@@ -75,10 +85,11 @@ def run(cfg: SampleConfig) -> dict:
     if n == 0:
         raise ValueError(f"{cfg.metadata}: no row has a usable {cfg.score!r} (skips: {rows.as_dict()['dropped']})")
     warnings = []
-    if cfg.method == "scs" and min(cfg.batch_size, cfg.total or n) > n // 10:
-        warnings.append(f"a round draws {min(cfg.batch_size, cfg.total or n)} distinct examples, over 10% of "
+    round_size = min(scs_round_size(n, cfg.batch_size), cfg.total or n)
+    if cfg.method == "scs" and round_size > n // 10:
+        warnings.append(f"a round draws {round_size} distinct examples, over 10% of "
                         f"the {n} rows, so few rounds adapt the logits (FLYT: 100k of 128M); lower "
-                        f"batch_size (preset scs_world) for a small pool")
+                        f"batch_size (0 scales it to the pool) for a small pool")
     for w in warnings:
         print(f"clipsift sample: warning: {w}", file=sys.stderr)
     with timer("sample"):
@@ -96,6 +107,7 @@ def run(cfg: SampleConfig) -> dict:
         "pool": n,
         "total": int(counts.sum(dtype=np.int64)),
         "unique": int(len(keep)),
+        "round_size": scs_round_size(n, cfg.batch_size) if cfg.method == "scs" else None,
         "repetition_histogram": sampling.repetition_histogram(counts),
         "scores": {
             "pool": _quantiles(scores),
@@ -114,7 +126,8 @@ def run(cfg: SampleConfig) -> dict:
 def sample_counts(scores: np.ndarray, cfg: SampleConfig) -> np.ndarray:
     total = cfg.total or None  # 0 means "as many draws as rows"
     if cfg.method == "scs":
-        return sampling.soft_cap_sample(scores, total, alpha=cfg.alpha, batch_size=cfg.batch_size,
+        return sampling.soft_cap_sample(scores, total, alpha=cfg.alpha,
+                                        batch_size=scs_round_size(len(scores), cfg.batch_size),
                                         seed=cfg.seed, block_size=cfg.block_size, progress=cfg.progress)
     if cfg.method == "hcs":
         return sampling.hard_cap_sample(scores, total, cap=cfg.cap, seed=cfg.seed)
@@ -128,6 +141,8 @@ def _check(cfg: SampleConfig) -> None:
         raise config.ConfigError("metadata: set a folder or glob of metadata parquet files")
     if not cfg.out.endswith(".npy"):
         raise config.ConfigError(f"out: a subset is a .npy file, got {cfg.out!r}")
+    if cfg.batch_size < 0:
+        raise config.ConfigError(f"batch_size: must be >= 0 (0 = scaled to the pool), got {cfg.batch_size}")
     if cfg.total < 0:
         raise config.ConfigError(f"total: must be >= 0 (0 = number of rows), got {cfg.total}")
     if cfg.method == "hcs" and cfg.cap < 1:

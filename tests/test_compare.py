@@ -31,10 +31,82 @@ def test_presets_parse_into_typed_strategies():
     ([{"name": "bad name", "filter": {"kind": "basic"}}], "letters, digits"),
     ([{"name": "a", "sample": {"method": "softcap"}}], "strategies\\[0\\].sample.method"),
     ([{"name": "a", "filtr": {"kind": "basic"}}], "unknown key strategies\\[0\\].filtr"),
+    ([{"name": "a", "filter": {"kind": "basic"}, "scorer_seeds": [0]}], "only to a sample by a learned score"),
+    ([{"name": "a", "sample": {"score": "flyt_score"}, "seeds": [0, 1], "scorer_seeds": [0]}],
+     "one entry per training seed"),
 ])
 def test_bad_strategies_are_clear_errors(strategies, message):
     with pytest.raises(config.ConfigError, match=message):
         config.from_dict(CompareConfig, {"strategies": strategies})
+
+
+def test_the_scorer_seed_is_compares_to_set():
+    with pytest.raises(config.ConfigError, match="scorer_seeds instead"):
+        config.from_dict(CompareConfig, {"strategies": [{"name": "a", "filter": {"kind": "basic"}}],
+                                         "learned": {"flyt_overrides": ["steps=5", "seed=3"]}})
+
+
+def test_learned_strategies_get_one_scorer_per_seed_unless_told(tmp_path):
+    cfg = config.from_dict(CompareConfig, {"out": str(tmp_path), "seeds": [0, 1], "strategies": [
+        {"name": "a", "filter": {"kind": "basic"}},
+        {"name": "f", "sample": {"method": "top_fraction", "score": "flyt_score"}},
+        {"name": "m", "sample": {"score": "mflyt_score"}, "seeds": [3, 4], "scorer_seeds": [0, 0]},
+        {"name": "c", "filter": {"kind": "basic"}, "sample": {"score": "clip_b32_similarity_score"}}]})
+    compare = Compare(cfg, echo=lambda s: None)
+    a, f, m, c = cfg.strategies
+    assert compare.plan(a) == [(0, None), (1, None)] and compare.plan(c) == [(0, None), (1, None)]
+    assert compare.plan(f) == [(0, 0), (1, 1)]
+    assert compare.plan(m) == [(3, 0), (4, 0)]
+    assert compare.subset_path(f, 1) == tmp_path / "subsets" / "f" / "scorer_seed1" / "subset.npy"
+    assert compare.subset_path(a, None) == tmp_path / "subsets" / "a" / "subset.npy"
+
+
+def test_scs_draws_the_scales_samples_seen_in_rounds_scaled_to_the_pool(tmp_path):
+    """FLYT's SCS builds the training stream: total = the run's samples seen, rounds of 100k per 128M."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    uids = formats.random_uids(rng, 6000)
+    pq.write_table(pa.table({"uid": uids, "clip_b32_similarity_score": rng.normal(0.3, 0.05, 6000)}),
+                   meta / "00000000.parquet")
+    cfg = config.from_dict(CompareConfig, {"out": str(tmp_path / "cmp"), "scale": "ci",
+                                           "scale_overrides": ["samples_seen=9000"], "strategies": [
+        {"name": "scs", "sample": {"method": "scs", "score": "clip_b32_similarity_score"}},
+        {"name": "scs_set", "sample": {"method": "scs", "score": "clip_b32_similarity_score", "total": 700,
+                                       "batch_size": 7}}]})
+    compare = Compare(cfg, echo=lambda s: None)
+    compare._cache["pipeline"] = meta  # the pool's metadata, as the pipeline step would return it
+    default, explicit = (formats.read_subset(compare.subset(s)) for s in cfg.strategies)
+    stats = json.loads((tmp_path / "cmp" / "subsets" / "scs" / "sample_stats.json").read_text())
+    assert len(default) == stats["total"] == 9000 and stats["batch_size"] == 5  # 6000 x 100k / 128M
+    assert len(np.unique(default)) < 9000  # the stream repeats high scorers
+    stats = json.loads((tmp_path / "cmp" / "subsets" / "scs_set" / "sample_stats.json").read_text())
+    assert len(explicit) == stats["total"] == 700 and stats["batch_size"] == 7  # named options win
+
+
+def _row(name, values, scorers=None):
+    v = np.array(values)
+    return {"strategy": name, "seeds": list(range(len(values))), "scorer_seeds": scorers,
+            "scorer_varies": scorers is not None and len(set(scorers)) > 1,
+            "average": {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}}
+
+
+def test_verdict_holds_a_learned_strategy_to_its_scorer_and_training_spread():
+    from clipsift.compare.report import verdict
+
+    rows = [_row("base", [0.300, 0.302]), _row("other", [0.280, 0.282]),  # fixed subsets: std 0.14 points
+            _row("learned", [0.31, 0.27], scorers=[0, 1]), _row("low", [0.20])]  # learned: std 2.8 points
+    text = verdict(rows)
+    assert "covers both sources of variance" in text and "learned: mean std 2.8" in text
+    # 'other' is 2 points below the best: far beyond the fixed spread, within the learned one
+    ties = text.split("Not separable from the best here: ")[1].split(".")[0]
+    clear = text.split("Clearly below the best: ")[1]
+    assert "base" in ties and "learned" in ties and "other" in clear and "low" in clear
+    one = verdict([_row("base", [0.300, 0.302]), _row("learned", [0.29], scorers=[0])])
+    assert "leaves out the scorer's own variance" in one
 
 
 def test_only_must_name_known_strategies():
@@ -76,22 +148,59 @@ def test_finished_runs_are_not_run_again_and_the_report_aggregates_seeds(ci_worl
 
 @pytest.mark.slow
 def test_compare_end_to_end_on_the_ci_world(ci_world, tmp_path):
-    """World -> reference CLIPs -> pipeline -> FLYT -> subsets -> training -> eval -> report, for real."""
+    """World -> reference CLIPs -> pipeline -> FLYT (one scorer per seed) -> subsets -> training ->
+    eval -> report, for real."""
+    import pyarrow.parquet as pq
+
+    from clipsift.training.config import TrainConfig
+
     cfg = config.load(CompareConfig, config.preset_path("compare", "ci"),
                       [f"out={tmp_path / 'cmp'}", f"world={ci_world}", "progress=false"])
-    results = Compare(cfg, echo=lambda s: None).run()
-    by = {r["strategy"]: r for r in results}
-    assert set(by) == {"no_filter", "clip_b32_top30", "flyt_scs"}
-    assert by["no_filter"]["unique"] > 2900  # every readable pool sample
-    assert by["clip_b32_top30"]["unique"] == pytest.approx(0.3 * by["no_filter"]["unique"], rel=0.05)
-    scs = by["flyt_scs"]
-    assert scs["subset_size"] > scs["unique"]  # soft cap sampling repeats high scorers
+    compare = Compare(cfg, echo=lambda s: None)
+    results = compare.run()
+    by = {(r["strategy"], r["seed"]): r for r in results}
+    assert set(by) == {("no_filter", 0), ("clip_b32_top30", 0), ("flyt_scs", 0), ("flyt_scs", 1)}
+    assert by["no_filter", 0]["unique"] > 2900  # every readable pool sample
+    assert by["clip_b32_top30", 0]["unique"] == pytest.approx(0.3 * by["no_filter", 0]["unique"], rel=0.05)
+    assert by["no_filter", 0]["scorer_seed"] is None
+    samples_seen = config.load(TrainConfig, config.preset_path("train", "ci")).samples_seen
+    for seed in (0, 1):  # each seed its own scorer, subset and training run
+        scs = by["flyt_scs", seed]
+        assert scs["scorer_seed"] == seed
+        assert scs["subset_size"] == samples_seen > scs["unique"]  # SCS draws the run's samples seen, with repeats
+        assert (tmp_path / "cmp" / "runs" / "flyt_scs" / f"seed{seed}_scorer{seed}" / "train").is_dir()
     for r in results:  # every run trained and was evaluated on every task, above chance on average
         assert r["summary"]["n_tasks"] == 5 and r["summary"]["average"] > 0.05
+
+    def flyt_scores(seed):
+        folder = compare.learned_dir("flyt", seed) / "scores"
+        return np.concatenate([pq.read_table(f, columns=["flyt_score"]).column(0).to_numpy()
+                               for f in sorted(folder.glob("*.parquet"))])
+
+    s0, s1 = flyt_scores(0), flyt_scores(1)
+    assert s0.shape == s1.shape and not np.array_equal(s0, s1)  # two scorers, two score columns
+    assert np.abs(s0 - s1).max() > 1e-4
+    subsets = [formats.read_subset(compare.subset_path(cfg.strategies[2], seed)) for seed in (0, 1)]
+    assert not np.array_equal(subsets[0], subsets[1])
+
     report = tmp_path / "cmp" / "report"
     for name in ("results.md", "results.csv", "results.json", "report.md", "average.png", "noise_kept.png",
                  "scs_repetitions.png"):
         assert (report / name).is_file(), name
+    data = json.loads((report / "results.json").read_text())
+    row = next(r for r in data["rows"] if r["strategy"] == "flyt_scs")
+    assert row["scorer_seeds"] == [0, 1] and row["scorer_varies"]
+    overlap = data["subset_overlap"]["flyt_scs"]
+    assert overlap["scorer_seeds"] == [0, 1] and 0 < overlap["jaccard"]["0-1"] < 1
+    page = (report / "report.md").read_text()
+    assert "covers both sources of variance" in page and "Subset stability across scorer seeds" in page
+
     # A second run is all cache: same results, nothing recomputed.
     again = Compare(cfg, echo=lambda s: None).run()
     assert again == results
+    # The same scorer seed retrained from nothing reproduces its scores bit for bit.
+    import shutil
+
+    shutil.rmtree(compare.learned_dir("flyt", 0))
+    Compare(cfg, echo=lambda s: None).score_folder("flyt_score", 0)
+    assert np.array_equal(flyt_scores(0), s0)

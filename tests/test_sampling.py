@@ -379,3 +379,20 @@ def test_sample_command_other_methods_and_errors(tmp_path, capsys):
     assert cli.main(["sample", meta, f"out={tmp_path / 'x.npy'}", "batch_size=10"]) == 2
     assert "repeat a uid" in capsys.readouterr().err
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_scs_round_size_scales_to_the_pool_as_flyt():
+    from clipsift.filters.sample_cli import scs_round_size
+
+    assert scs_round_size(128_000_000) == 100_000  # FLYT's rounds at DataComp medium
+    assert scs_round_size(60_000) == 47 and scs_round_size(3_000) == 2 and scs_round_size(500) == 1
+    assert scs_round_size(60_000, 20) == 20  # an explicit round size is kept
+
+
+def test_sample_command_default_round_is_scaled_to_the_pool(tmp_path, capsys):
+    write_metadata(tmp_path / "meta")
+    out = tmp_path / "scs.npy"
+    assert cli.main(["sample", f"metadata={tmp_path / 'meta'}", f"out={out}", "progress=false"]) == 0
+    assert "over 10%" not in capsys.readouterr().err  # one distinct draw per round of 985 rows
+    stats = json.loads((tmp_path / "scs.stats.json").read_text())
+    assert stats["total"] == 985 and stats["round_size"] == 1 and stats["warnings"] == []
