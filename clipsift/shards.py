@@ -330,11 +330,28 @@ def describe_error(e: Exception) -> str:
 
 
 def read_stats(folder: str | Path, shard: int) -> dict[str, Any] | None:
+    """A shard's _stats.json (None when there is none); a FormatError naming the file when it is not
+    img2dataset's object of counts."""
     path = Path(folder) / formats.stats_name(shard)
     if not path.is_file():
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            stats = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise formats.FormatError(f"{path}: not JSON ({e}); fix or delete it (img2dataset writes it per shard)") from None
+    if not isinstance(stats, dict):
+        raise formats.FormatError(f"{path}: a JSON {type(stats).__name__}, not img2dataset's object of counts; "
+                                  "fix or delete it")
+    for key in STATS_COUNTS:
+        value = stats.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise formats.FormatError(f"{path}: {key} is {value!r}, not a count of samples; fix or delete the file")
+    return stats
+
+
+# The counts of an img2dataset _stats.json that clipsift reads.
+STATS_COUNTS = ("count", "successes", "failed_to_download", "failed_to_resize")
 
 
 def _dump_json(meta: dict[str, Any]) -> bytes:
