@@ -7,21 +7,29 @@ shortest side (antialiased, the model's interpolation) and centre-crops there, o
 steps of open_clip's eval transform, on tensors. Pixels differ from PIL's by rounding (a different IDCT and
 resampler), so embeddings are close to, not equal to, those of image_decode=cpu (tested).
 
-Anything the batch decoder refuses (not a JPEG, CMYK, truncated) goes through the CPU path's PIL
-decoding one by one, so a corrupt image gets the same corrupt_image reason and detail either way.
+Anything the batch decoder refuses (not a JPEG, CMYK, truncated) and any JPEG over max_image_pixels
+goes through the CPU path's PIL decoding one by one, so a corrupt or too large image gets the same
+reason and detail either way.
+A JPEG that does not end in its EOI marker (truncated) is not offered to the batch decoder at all:
+nvJPEG may return partial pixels where libjpeg and PIL refuse the file.
+
+decode_jpegs and resize_crop are also training's stream decoder (training.data, image_decode=device).
 """
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from functools import lru_cache
 
 import torch
+from PIL import Image
 
-from clipsift.pipeline.decode import decode_image
+from clipsift.pipeline.decode import ImageFailure, decode_image
 from clipsift.pipeline.encoders import ImagePrep, Plan, PlanError
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_JPEG_END = b"\xff\xd9"
 _INTERPOLATIONS = ("bicubic", "bilinear")
 
 
@@ -37,50 +45,82 @@ def check_device_decodable(images: list[ImagePrep]) -> None:
                             f"{mode!r}/{interp!r} at {p.shape[:2]}: use image_decode=cpu")
 
 
-def decode_on_device(encoded: list[bytes], plan: Plan, device: torch.device) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Every image array of the plan, uint8 (n_ok, H, W, 3) on `device`, and one error per input ("" = ok)."""
+def complete_jpeg(data: bytes) -> bool:
+    """A JPEG from its SOI to a final EOI marker: the only files handed to the batch decoder."""
+    return data[:3] == _JPEG_MAGIC and data[-2:] == _JPEG_END
+
+
+def decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """1-D uint8 CPU tensors of complete JPEGs -> uint8 (3, h, w) RGB images on `device` in one
+    batched decode_jpeg call (nvJPEG on a GPU, libjpeg on a CPU); None where the decoder refuses one."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    decoded: list[torch.Tensor | None] = [None] * len(encoded)
-    jpegs = [i for i, data in enumerate(encoded) if data[:3] == _JPEG_MAGIC]
-    if jpegs:
-        datas = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpegs]
+    if not encoded:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's deprecation notes about its decoders
+        try:
+            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:  # one bad file fails the whole batch: find it one by one
+            out: list[torch.Tensor | None] = []
+            for data in encoded:
+                try:
+                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+
+def resize_crop(img: torch.Tensor, size: tuple[int, int], interpolation=None, squash: bool = False) -> torch.Tensor:
+    """uint8 (3, h, w) -> uint8 (3, H, W) as open_clip's eval transform, on img's device: the
+    shortest side to H (antialiased) then a centre crop, or (squash) straight to (H, W). An image
+    already at (H, W) is returned as it is."""
+    import torchvision.transforms.v2.functional as TF
+
+    mode = TF.InterpolationMode.BICUBIC if interpolation is None else interpolation
+    if tuple(img.shape[1:]) == tuple(size):
+        return img
+    if squash:
+        return TF.resize(img, list(size), interpolation=mode, antialias=True)
+    img = TF.resize(img, [size[0]], interpolation=mode, antialias=True)  # square sizes only (check_device_decodable)
+    return TF.center_crop(img, list(size))
+
+
+def within_limit(data: bytes, limit: int) -> bool:
+    """Whether a JPEG's header gives at most `limit` pixels (0: no limit). A larger one goes through
+    the CPU path, which decodes it reduced or skips it; reading the header costs ~1% of a decode."""
+    if not limit:
+        return True
+    try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchvision's deprecation notes about its decoders
-            try:
-                for i, img in zip(jpegs, decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)):
-                    decoded[i] = img
-            except RuntimeError:  # one bad file fails the whole batch: find it one by one
-                for i, data in zip(jpegs, datas):
-                    try:
-                        decoded[i] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-                    except RuntimeError:
-                        pass
-    errors = [""] * len(encoded)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            w, h = Image.open(io.BytesIO(data)).size
+    except Exception:  # the CPU path names the error
+        return False
+    return w * h <= limit
+
+
+def decode_on_device(encoded: list[bytes], plan: Plan,
+                     device: torch.device) -> tuple[dict[str, torch.Tensor], list[ImageFailure | None]]:
+    """Every image array of the plan, uint8 (n_ok, H, W, 3) on `device`, and per input why it failed (None = ok)."""
+    decoded: list[torch.Tensor | None] = [None] * len(encoded)
+    jpegs = [i for i, data in enumerate(encoded) if complete_jpeg(data) and within_limit(data, plan.max_image_pixels)]
+    for i, img in zip(jpegs, decode_jpegs([torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpegs],
+                                          device)):
+        decoded[i] = img
+    errors: list[ImageFailure | None] = [None] * len(encoded)
     out: dict[str, list[torch.Tensor]] = {p.key: [] for p in plan.images}
     for i, img in enumerate(decoded):
-        if img is None:  # not a JPEG, or refused: the CPU path decides (and names the error)
+        if img is None:  # not a JPEG, truncated, too large or refused: the CPU path decides (and names the error)
             arrays, errors[i] = decode_image(encoded[i], plan)
             for key, a in arrays.items():
                 out[key].append(torch.from_numpy(a).to(device))
             continue
         for p in plan.images:
-            out[p.key].append(_resize_crop(img, p))
+            mode, squash = _resize_spec(p)
+            out[p.key].append(resize_crop(img, p.shape[:2], mode, squash).permute(1, 2, 0))
     return ({p.key: torch.stack(out[p.key]) if out[p.key] else torch.zeros((0, *p.shape), dtype=torch.uint8, device=device)
              for p in plan.images}, errors)
-
-
-def _resize_crop(img: torch.Tensor, prep: ImagePrep) -> torch.Tensor:
-    """uint8 (3, h, w) -> uint8 (H, W, 3) as open_clip's eval transform: shortest side to the model
-    size then a centre crop, or (squash) straight to the model size."""
-    import torchvision.transforms.v2.functional as TF
-
-    h, w = prep.shape[:2]
-    mode, squash = _resize_spec(prep)
-    if squash:
-        return TF.resize(img, [h, w], interpolation=mode, antialias=True).permute(1, 2, 0)
-    img = TF.resize(img, [h], interpolation=mode, antialias=True)  # h == w (check_device_decodable)
-    return TF.center_crop(img, [h, w]).permute(1, 2, 0)
 
 
 @lru_cache(maxsize=None)

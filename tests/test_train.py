@@ -377,3 +377,99 @@ torch.save(out, "{tmp_path / 'out.pt'}")
     final, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     assert checkpoint.load(checkpoint.latest_path(run))["step"] == 3
     assert_same_weights(final.state_dict(), weights(run))
+
+
+# ---------------------------------------------------------------- image_decode=device (issue 23)
+def _stream_batches(paths, size, n, decode, subset=None, state=None, start=0, **kw):
+    data = StreamData(paths, size, "world-rn-s", subset, batch_size=48, seed=5, workers=2, shuffle_buffer=64,
+                      image_decode=decode, device=torch.device("cpu"), **kw)
+    if state is not None:
+        data.load_state(state)
+    batches, out, states = data.batches(start), [], []
+    for _ in range(n):
+        out.append(next(batches))
+        states.append(data.state())
+    batches.close()
+    return out, states, data
+
+
+@pytest.mark.parametrize("size", [32, 24])
+def test_device_decoded_stream_gives_the_cpu_streams_batches(ci_world, size):
+    """The device path run on the CPU (torchvision's decode_jpeg on CPU tensors: the same code
+    nvJPEG runs on a GPU): the pool's stream, planted truncated JPEGs and all, gives the CPU path's
+    batches: the same samples in the same order, the same tokens, pixels equal to the last bit (both
+    decode with libjpeg and resize with the same function; on a GPU nvJPEG's IDCT differs by
+    rounding), and the same record counts."""
+    paths = find_shards(ci_world / "pool" / "shards")
+    cpu, _, cpu_data = _stream_batches(paths, size, 70, "cpu")  # 3360 samples: more than a pass (3000)
+    dev, _, dev_data = _stream_batches(paths, size, 70, "device")
+    for a, b in zip(cpu, dev):
+        assert a.uids == b.uids and torch.equal(a.tokens, b.tokens)
+        assert b.images.shape == (48, 3, size, size) and torch.equal(a.images, b.images)
+    assert dev_data.counts.as_dict() == cpu_data.counts.as_dict()
+    assert dev_data.counts.dropped[shards.CORRUPT_IMAGE] > 0  # the truncated JPEGs, caught in the workers
+
+
+def _shards_with_a_jpeg_only_the_decoder_refuses(folder: Path) -> str:
+    """Two shards of 40 JPEGs; one record starts and ends like a complete JPEG but is garbage between."""
+    rng = np.random.default_rng(0)
+    for shard in range(2):
+        with shards.ShardWriter(folder, shard) as w:
+            for row in range(40):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(buf, "JPEG")
+                data = b"\xff\xd8\xff" + bytes(rng.integers(0, 255, 300, dtype=np.uint8)) + b"\xff\xd9" \
+                    if (shard, row) == (1, 7) else buf.getvalue()
+                w.add(formats.sample_key(shard, row), data, f"picture {row}", {"uid": f"{shard:016x}{row:016x}",
+                                                                               "status": "success"})
+    return f"{1:016x}{7:016x}"
+
+
+def test_device_decode_fills_the_place_of_an_image_only_the_decoder_refuses_and_resumes_exactly(tmp_path):
+    """A JPEG that passes the workers' completeness check but will not decode: dropped and counted
+    in the training process, the next samples move up so every batch stays full, and a stream
+    restarted from any batch's state() continues with exactly the batches that followed."""
+    folder = tmp_path / "shards"
+    bad = _shards_with_a_jpeg_only_the_decoder_refuses(folder)
+    paths = find_shards(folder)
+    cpu, _, cpu_data = _stream_batches(paths, 32, 8, "cpu")
+    dev, states, dev_data = _stream_batches(paths, 32, 8, "device")
+    cpu_uids = [u for b in cpu for u in b.uids]
+    dev_uids = [u for b in dev for u in b.uids]
+    assert all(len(b.uids) == 48 and b.images.shape[0] == 48 and b.tokens.shape[0] == 48 for b in dev)
+    assert bad not in cpu_uids and bad not in dev_uids
+    assert cpu_data.counts.dropped[shards.CORRUPT_IMAGE] > 0  # the CPU path refuses it in the workers
+    # Here it is dropped when its batch is decoded (counted per use, the workers' reads per read).
+    assert dev_data.counts.dropped[shards.CORRUPT_IMAGE] >= 1
+    assert dev_data.counts.seen == dev_data.counts.kept + sum(dev_data.counts.dropped.values())
+    assert any(s["resume_at"][1] for s in states), "a drop leaves later batches starting inside a raw batch"
+    for j in (1, 3, 6):  # resumed at odd and even steps (the DataLoader always asks worker 0 first)
+        rest, _, _ = _stream_batches(paths, 32, 8 - j - 1, "device", state=states[j], start=j + 1)
+        for a, b in zip(dev[j + 1:], rest, strict=True):
+            assert a.uids == b.uids and torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens)
+        rest, _, _ = _stream_batches(paths, 32, 8 - j - 1, "cpu", start=j + 1)  # the CPU path: from the step
+        for a, b in zip(cpu[j + 1:], rest, strict=True):
+            assert a.uids == b.uids and torch.equal(a.images, b.images)
+
+
+def test_device_decoded_stream_trains_and_resumes_to_the_uninterrupted_weights(few, tmp_path):
+    """train() with data.image_decode=device (its CPU run): stop and resume reach the same weights,
+    and stats say where the images were decoded."""
+    extra = [*few_data(few), "data.mode=stream", "data.workers=2", "data.shuffle_buffer=32", "data.image_decode=device"]
+    whole = train(make_cfg(tmp_path / "whole", *extra))
+    part = make_cfg(tmp_path / "part", *extra, "stop_after_steps=4")
+    train(part)
+    train(make_cfg(tmp_path / "part", *extra, "resume=latest"))
+    assert_same_weights(weights(whole), weights(Path(part.out)))
+    stats = read_json(Path(whole) / "stats.json")
+    assert stats["data"]["image_decode"] == "device" and stats["data"]["decode_thread_s"] > 0
+
+
+def test_image_decode_auto_decodes_on_the_device_only_on_cuda():
+    from clipsift.training.data import resolve_image_decode
+
+    assert resolve_image_decode("auto", torch.device("cuda", 0)) == "device"
+    assert resolve_image_decode("auto", torch.device("cpu")) == "cpu"
+    assert resolve_image_decode("cpu", torch.device("cuda", 0)) == "cpu"
+    with pytest.raises(ValueError, match="data.image_decode"):
+        resolve_image_decode("gpu", None)

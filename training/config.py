@@ -24,6 +24,10 @@ class DataConfig:
     # memory mode: a folder that keeps each shard decoded (<stem>-<px>px.npz), so runs over the
     # same shards with other subsets skip decoding (compare sets it; "" = decode every run)
     decode_cache: str = ""
+    # stream mode: where images are decoded. cpu: in the workers (PIL/libjpeg). device: workers
+    # only read and tokenise; the training process decodes each batch's JPEGs in one batched
+    # call on its device (nvJPEG on a GPU) and resizes/crops there. auto: device when training on cuda.
+    image_decode: Literal["auto", "cpu", "device"] = "auto"
 
 
 @dataclass
@@ -51,6 +55,10 @@ class TrainConfig:
     # local: torch's BatchNorm2d, per-rank statistics under DDP (open_clip without --use-bn-sync).
     # auto: global under DDP, torch's fused kernel in one process.
     batch_norm: Literal["auto", "global", "local"] = "auto"
+    # torch.compile the model on cuda (ignored on a CPU, with a log line): off; default (fused
+    # kernels); reduce-overhead (fused kernels replayed as CUDA graphs: small models' steps are
+    # bound by kernel launches). The first steps compile (tens of seconds).
+    compile: Literal["off", "default", "reduce-overhead"] = "off"
     checkpoint_every: int = 100  # steps between atomic checkpoints (and always at the end)
     resume: str | None = None  # "latest" (<out>/checkpoints/epoch_latest.pt) or a checkpoint path
     stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps: a planned interruption
@@ -61,7 +69,7 @@ class TrainConfig:
 # Keys that may differ between a run and its resumption (they do not change the result).
 RESUME_FREE_KEYS = frozenset(
     {"out", "resume", "stop_after_steps", "checkpoint_every", "log_every", "progress", "threads", "device",
-     "data.workers", "data.memory_limit_gb"}
+     "data.workers", "data.memory_limit_gb", "data.image_decode", "compile"}
 )
 
 

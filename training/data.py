@@ -12,6 +12,11 @@ Two ways to feed the model, with the same selection rules and the same skip acco
   ranks; a worker shuffles its samples through a seeded buffer and yields whole batches, which the
   DataLoader hands over in worker order. The stream is therefore a pure function of (seed,
   workers, ranks), and a resumed run fast-forwards each worker past the batches already trained.
+  With image_decode=device (the default when training on a GPU) the workers only read, select,
+  shuffle and tokenise: complete JPEGs travel as bytes and the training process decodes each batch
+  in one batched call on the device (nvJPEG; pipeline.device_decode, the pipeline's decoder) and
+  resizes/crops there, in a thread that keeps batches ready ahead of the step. The sample order is
+  the same as with image_decode=cpu (see StreamData).
 
 Selection: with a subset file, a sample whose uid appears k times there is used k times per pass
 (weight k; uids not listed: weight 0, counted as not_in_subset). Without one, every readable
@@ -20,9 +25,14 @@ Unusable samples are counted by read_shard's reasons plus CORRUPT_IMAGE (decode 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
+import queue
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -34,7 +44,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from clipsift import formats, shards
+from clipsift.config import ConfigError
 from clipsift.eval.models import tokenizer
+from clipsift.pipeline.device_decode import complete_jpeg, decode_jpegs, resize_crop
 from clipsift.runlog import Counts
 
 log = logging.getLogger("clipsift.training")
@@ -46,7 +58,7 @@ NOT_IN_SUBSET = "not_in_subset"  # readable, but the subset gives it weight 0
 def find_shards(path: str | Path) -> list[Path]:
     """The {:08d}.tar shards in `path`, or in `path`/shards (so a pool folder works too)."""
     if not str(path):
-        raise ValueError("data.shards is required: a folder of {:08d}.tar webdataset shards")
+        raise ConfigError("data.shards is required: a folder of {:08d}.tar webdataset shards")
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"data.shards: {folder} is not a folder")
@@ -113,8 +125,6 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 
     torchvision's C++ decoders first (3-4x faster than PIL on small JPEGs; they refuse truncated
     files exactly where PIL does), PIL for the formats they lack (BMP, TIFF, ...)."""
-    import torchvision.transforms.v2.functional as TF
-
     try:
         if _TV_DECODE is None:
             raise RuntimeError("no torchvision decoder")
@@ -123,10 +133,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         pil = Image.open(io.BytesIO(data))
         pil.load()  # a truncated file raises here rather than decoding garbage
         img = torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
-    if img.shape[1:] != (size, size):
-        img = TF.center_crop(TF.resize(img, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True),
-                             [size, size])
-    return img.numpy()
+    return resize_crop(img, (size, size)).numpy()
 
 
 @dataclass
@@ -134,17 +141,19 @@ class DecodedShard:
     """The usable samples of one shard (weight > 0), plus what happened to every record."""
 
     uids: list[str]
-    images: np.ndarray  # uint8 [n, 3, S, S]
+    images: np.ndarray  # uint8 [n, 3, S, S]; with keep_jpegs a list of (JPEG bytes | uint8 [3, S, S])
     texts: list[str]
     weights: np.ndarray  # int64 [n]
     counts: dict[str, Any]
     subset_hits: np.ndarray  # distinct subset entries found in this shard
 
 
-def decode_shard(path: Path, size: int, subset: SubsetWeights | None, cache: str | Path | None = None) -> DecodedShard:
+def decode_shard(path: Path, size: int, subset: SubsetWeights | None, cache: str | Path | None = None,
+                 keep_jpegs: bool = False) -> DecodedShard:
     """The shard's selected samples, decoded. With `cache` (a folder), the shard's records are
     decoded once into cache/<stem>-<size>px.npz and later calls only select from it: runs over
-    the same shards with different subsets (a compare) decode each shard once."""
+    the same shards with different subsets (a compare) decode each shard once. With keep_jpegs,
+    complete JPEGs stay encoded (the device decodes them); anything else is decoded here."""
     if cache:
         return _select(_cached_records(path, size, Path(cache)), subset)
     counts = Counts()
@@ -163,7 +172,7 @@ def decode_shard(path: Path, size: int, subset: SubsetWeights | None, cache: str
         if w == 0:
             counts.drop(NOT_IN_SUBSET)
             continue
-        image = _decode_or_none(rec, size, path)
+        image = rec.image if keep_jpegs and complete_jpeg(rec.image) else _decode_or_none(rec, size, path)
         if image is None:
             counts.drop(shards.CORRUPT_IMAGE)
             continue
@@ -174,7 +183,7 @@ def decode_shard(path: Path, size: int, subset: SubsetWeights | None, cache: str
         kept_w.append(int(w))
     return DecodedShard(
         uids=uids,
-        images=np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
+        images=images if keep_jpegs else np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
         texts=texts,
         weights=np.asarray(kept_w, np.int64),
         counts=counts.as_dict(),
@@ -252,11 +261,56 @@ def _select(recs: _ShardRecords, subset: SubsetWeights | None) -> DecodedShard:
 
 
 @dataclass
+class EncodedImages:
+    """A stream batch's images as its worker hands them over with image_decode=device."""
+
+    data: torch.Tensor  # uint8: the complete JPEGs end to end
+    offsets: torch.Tensor  # int64 [b + 1]: row i is data[offsets[i]:offsets[i + 1]] (empty: see pixels)
+    pixels: torch.Tensor  # uint8 [m, 3, S, S]: rows the worker decoded (not a complete JPEG)
+    pixel_rows: torch.Tensor  # int64 [m]
+
+    @classmethod
+    def pack(cls, images: list[bytes | np.ndarray], size: int) -> "EncodedImages":
+        rows = [i for i, im in enumerate(images) if not isinstance(im, bytes)]
+        lengths = [len(im) if isinstance(im, bytes) else 0 for im in images]
+        data = np.frombuffer(b"".join(im for im in images if isinstance(im, bytes)), np.uint8)
+        return cls(torch.from_numpy(data.copy()), torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])),
+                   torch.from_numpy(np.stack([images[i] for i in rows])) if rows else
+                   torch.zeros((0, 3, size, size), dtype=torch.uint8), torch.tensor(rows, dtype=torch.int64))
+
+    def decode(self, size: int, device: torch.device) -> tuple[torch.Tensor, list[bool]]:
+        """uint8 [n_ok, 3, S, S] on `device` and which rows decoded: the JPEGs in one batched call on
+        the device, resized there; a JPEG the device refuses goes through the CPU decoder, as in
+        image_decode=cpu, and a row neither decodes is left out (the caller counts it)."""
+        n = len(self.offsets) - 1
+        out: list[torch.Tensor | None] = [None] * n
+        for row, px in zip(self.pixel_rows.tolist(), self.pixels):
+            out[row] = px.to(device)
+        bounds = self.offsets.tolist()
+        jpeg_rows = [i for i in range(n) if out[i] is None]
+        jpegs = [self.data[bounds[i]:bounds[i + 1]] for i in jpeg_rows]
+        for i, data, img in zip(jpeg_rows, jpegs, decode_jpegs(jpegs, device)):
+            if img is not None:
+                out[i] = resize_crop(img, (size, size))
+                continue
+            try:
+                out[i] = torch.from_numpy(decode_image(data.numpy().tobytes(), size)).to(device)
+            except Exception as e:  # undecodable on the CPU too: counted by the caller
+                log.debug("%s: %s", shards.CORRUPT_IMAGE, f"{type(e).__name__}: {e}")
+        ok = [img is not None for img in out]
+        kept = [img for img in out if img is not None]
+        images = torch.stack(kept) if kept else torch.zeros((0, 3, size, size), dtype=torch.uint8, device=device)
+        return images, ok
+
+
+@dataclass
 class Batch:
-    images: torch.Tensor  # uint8 [b, 3, S, S]
+    images: torch.Tensor | None  # uint8 [b, 3, S, S] (None while `encoded`)
     tokens: torch.Tensor  # int64 [b, context]
     uids: list[str]
     counts: dict[str, Any] | None = None  # stream mode: records read while filling this batch
+    encoded: EncodedImages | None = None  # stream mode, image_decode=device: not decoded yet
+    resume: tuple[int, int] | None = None  # device-decoded stream: where a resumed run restarts after it
 
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True): async host-to-GPU copies
         return Batch(self.images.pin_memory(), self.tokens.pin_memory(), self.uids, self.counts)
@@ -277,7 +331,10 @@ class _ShardDecoder(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[DecodedShard, torch.Tensor]:
-        d = decode_shard(self.paths[i], self.size, self.subset, self.cache)
+        try:
+            d = decode_shard(self.paths[i], self.size, self.subset, self.cache)
+        except StopIteration as e:  # it would end the DataLoader's iteration: the shard would vanish
+            raise RuntimeError(f"{self.paths[i]}: reading the shard raised StopIteration") from e
         tokens = tokenizer(self.model)(d.texts) if d.texts else torch.zeros(0, 0, dtype=torch.long)
         return d, tokens.to(torch.int32)
 
@@ -293,7 +350,8 @@ class SampleOrder:
     def __init__(self, weights: np.ndarray, batch_size: int, seed: int):
         self.multiset = np.repeat(np.arange(len(weights), dtype=np.int64), weights)
         if self.multiset.size == 0:
-            raise ValueError("no usable samples selected: nothing to train on")
+            raise ConfigError("no usable samples selected: nothing to train on; check data.shards and "
+                              "data.subset (stats of the reads are in the log)")
         self.batch_size, self.seed = batch_size, seed
         self._pass: tuple[int, np.ndarray] | None = None
         self._on_device: torch.Tensor | None = None
@@ -347,13 +405,17 @@ class MemoryData:
         images, tokens, weights = [], [], []
         loader = DataLoader(_ShardDecoder(paths, size, model, subset, cache), batch_size=None, num_workers=workers,
                             collate_fn=lambda x: x)
+        shards_read = 0
         for d, tok in tqdm(loader, total=len(paths), desc="decode shards", unit="shard", disable=not progress):
+            shards_read += 1
             self.counts.merge(d.counts)
             hits.append(d.subset_hits)
             uids += d.uids
             images.append(torch.from_numpy(d.images))
             tokens.append(tok)
             weights.append(d.weights)
+        if shards_read != len(paths):  # every shard is counted: read, or an error
+            raise RuntimeError(f"decoded {shards_read} of {len(paths)} shards; the loader ended early")
         self.uids = np.array(uids, dtype=object)
         self.images = torch.cat(images)
         self.tokens = torch.cat([t for t in tokens if t.numel()]) if uids else torch.zeros(0, 1, dtype=torch.int32)
@@ -397,28 +459,32 @@ class _ShardStream(IterableDataset):
     """Endless batches from the shards dealt to this worker (see the module docstring)."""
 
     def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None, batch_size: int,
-                 seed: int, rank: int, world_size: int, start_step: int, shuffle_buffer: int):
+                 seed: int, rank: int, world_size: int, start_step: int, shuffle_buffer: int,
+                 image_decode: str = "cpu"):
         self.paths, self.size, self.model, self.subset = paths, size, model, subset
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.start_step, self.shuffle_buffer = start_step, shuffle_buffer
+        self.start_step, self.shuffle_buffer, self.image_decode = start_step, shuffle_buffer, image_decode
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        lane, lanes = self.rank * workers + worker, self.world_size * workers
-        # The DataLoader takes batch s from worker s % workers: skip the ones already trained on.
-        skip = len(range(worker, self.start_step, workers))
+        # Lane `role` makes batches role, role + workers, ... The DataLoader takes its first batch
+        # from worker 0, then worker 1, ...: so worker w plays the lane whose next batch is
+        # start_step + w, and skips the batches before it (already trained on).
+        role = (worker + self.start_step) % workers
+        lane, lanes = self.rank * workers + role, self.world_size * workers
+        skip = len(range(role, self.start_step, workers))
         for i, batch in enumerate(self._batches(lane, lanes)):
             if i >= skip:
                 yield batch
 
-    def _samples(self, lane: int, lanes: int) -> Iterator[tuple[str, np.ndarray, str] | dict]:
+    def _samples(self, lane: int, lanes: int) -> Iterator[tuple[str, np.ndarray | bytes, str] | dict]:
         empty_passes = 0
         for p in count():
             order = np.random.default_rng([self.seed, p]).permutation(len(self.paths))
             produced = 0
             for shard in order[lane::lanes]:
-                d = decode_shard(self.paths[shard], self.size, self.subset)
+                d = decode_shard(self.paths[shard], self.size, self.subset, keep_jpegs=self.image_decode == "device")
                 yield d.counts
                 for uid, image, text, w in zip(d.uids, d.images, d.texts, d.weights):
                     for _ in range(w):
@@ -432,7 +498,7 @@ class _ShardStream(IterableDataset):
 
     def _batches(self, lane: int, lanes: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, 1_000_003, lane])
-        buffer: list[tuple[str, np.ndarray, str]] = []
+        buffer: list[tuple[str, np.ndarray | bytes, str]] = []
         pending, counts = [], Counts()
         for item in self._samples(lane, lanes):
             if isinstance(item, dict):
@@ -446,58 +512,214 @@ class _ShardStream(IterableDataset):
             pending.append(buffer.pop())
             if len(pending) == self.batch_size:
                 uids, images, texts = zip(*pending)
-                yield Batch(torch.from_numpy(np.stack(images)), tokenizer(self.model)(list(texts)), list(uids),
-                            counts.as_dict())
+                tokens = tokenizer(self.model)(list(texts))
+                if self.image_decode == "device":
+                    yield Batch(None, tokens, list(uids), counts.as_dict(), EncodedImages.pack(list(images), self.size))
+                else:
+                    yield Batch(torch.from_numpy(np.stack(images)), tokens, list(uids), counts.as_dict())
                 pending, counts = [], Counts()
 
 
 class StreamData:
-    """Batches decoded by DataLoader workers while the model trains (prefetched, pinned on cuda)."""
+    """Batches decoded by DataLoader workers while the model trains (prefetched, pinned on cuda).
+
+    With image_decode=device the workers' batches ("raw batches", JPEGs still encoded) are decoded
+    in order by a thread of the training process on `device`. A JPEG that passed the workers'
+    completeness check but decodes nowhere is dropped and counted (corrupt_image) and the next raw
+    batch's samples move up to fill its place, so every batch is full and the sample order is
+    image_decode=cpu's whenever no such file turns up. Where a resumed run restarts is then
+    (raw batch, samples of it already used), kept in state(), rather than the step.
+    On cuda the thread also makes the host-to-device copies, on its own stream, ahead of the step.
+    """
 
     mode = "stream"
 
     def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None,
                  batch_size: int, seed: int, rank: int = 0, world_size: int = 1, workers: int = 2,
-                 shuffle_buffer: int = 4096, pin_memory: bool = False):
+                 shuffle_buffer: int = 4096, pin_memory: bool = False, image_decode: str = "cpu",
+                 device: torch.device | None = None, prefetch: int = 3):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by {world_size} ranks")
         lanes = world_size * max(workers, 1)
         if len(paths) < lanes:
-            raise ValueError(f"stream mode needs at least workers x ranks = {lanes} shards, found {len(paths)}; "
+            raise ConfigError(f"stream mode needs at least workers x ranks = {lanes} shards, found {len(paths)}; "
                              "use data.mode=memory or fewer data.workers")
+        if image_decode not in ("cpu", "device"):
+            raise ValueError(f"data.image_decode must be cpu or device here, got {image_decode!r}")
         self.args = dict(paths=paths, size=size, model=model, subset=subset, batch_size=batch_size // world_size,
-                         seed=seed, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer)
+                         seed=seed, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
+                         image_decode=image_decode)
         if subset is not None and subset.total == 0:
-            raise ValueError(f"{subset.path}: the subset is empty; nothing to train on")
-        self.workers, self.pin_memory = workers, pin_memory
+            raise ConfigError(f"{subset.path}: the subset is empty; nothing to train on")
+        self.workers, self.pin_memory, self.image_decode = workers, pin_memory, image_decode
+        self.device = device if device is not None else torch.device("cpu")
+        self.prefetch = prefetch
         self.counts = Counts()
         self.subset = subset
+        self.resume_at: tuple[int, int] | None = None  # image_decode=device: (raw batch, samples used)
+        self.decode_seconds = 0.0  # the decoding thread's time (decode, resize, copies), for the stats
 
     def batches(self, start_step: int) -> Iterator[Batch]:
-        stream = _ShardStream(start_step=start_step, **self.args)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                            prefetch_factor=4 if self.workers else None, persistent_workers=False)
-        for batch in loader:
+        if self.image_decode == "cpu" and self.device.type == "cpu":
+            for batch in self._loader(start_step):  # the CPU path: batches as the workers made them
+                self.counts.merge(batch.counts)
+                yield batch
+            return
+        first, used = self.resume_at if self.image_decode == "device" and self.resume_at else (start_step, 0)
+        produce = (self._decoded(first, used) if self.image_decode == "device" else
+                   (self._to_device(b) for b in self._loader(start_step)))
+        for batch in _ahead(produce, self.prefetch, self.device):
             self.counts.merge(batch.counts)
+            self.resume_at = batch.resume
             yield batch
+
+    def _loader(self, start: int) -> Iterator[Batch]:
+        stream = _ShardStream(start_step=start, **self.args)
+        pin = self.pin_memory and self.image_decode == "cpu"  # encoded bytes go to the decoder unpinned
+        loader = DataLoader(stream, batch_size=None, num_workers=self.workers, pin_memory=pin,
+                            prefetch_factor=4 if self.workers else None, persistent_workers=False)
+        yield from loader
+
+    def _to_device(self, batch: Batch) -> Batch:
+        t0 = time.perf_counter()
+        out = Batch(batch.images.to(self.device, non_blocking=True), batch.tokens.to(self.device, non_blocking=True),
+                    batch.uids, batch.counts)
+        _finish(self.device)
+        self.decode_seconds += time.perf_counter() - t0
+        return out
+
+    def _decoded(self, first: int, used: int) -> Iterator[Batch]:
+        """Raw batches from number `first` on (its first `used` samples already trained on) ->
+        full batches of device-decoded images (see the class docstring)."""
+        b, size = self.args["batch_size"], self.args["size"]
+        held: deque[list] = deque()  # [raw index, images, tokens, uids, samples used, counts or None]
+        available, counts = 0, Counts()
+        for r, raw in zip(count(first), self._loader(first)):
+            t0 = time.perf_counter()
+            images, ok = raw.encoded.decode(size, self.device)
+            keep = torch.tensor(ok, dtype=torch.bool)
+            raw_counts = Counts()
+            raw_counts.merge(raw.counts)
+            if not all(ok):  # the worker counted these as kept; they are not
+                bad = len(ok) - int(keep.sum())
+                raw_counts.drop(shards.CORRUPT_IMAGE, bad)
+                raw_counts.keep(-bad)
+            skip = used if r == first else 0  # resumed mid-batch: its counts are in the checkpoint already
+            held.append([r, images, raw.tokens[keep].to(self.device, non_blocking=True),
+                         [u for u, k in zip(raw.uids, ok) if k], skip, None if skip else raw_counts.as_dict()])
+            _finish(self.device)
+            self.decode_seconds += time.perf_counter() - t0
+            available += len(held[-1][3]) - skip
+            while available >= b:
+                parts, need = [], b
+                while need:
+                    chunk = held[0]
+                    if chunk[5] is not None:
+                        counts.merge(chunk[5])
+                        chunk[5] = None
+                    take = min(need, len(chunk[3]) - chunk[4])
+                    if take:
+                        parts.append((chunk[1][chunk[4]:chunk[4] + take], chunk[2][chunk[4]:chunk[4] + take],
+                                      chunk[3][chunk[4]:chunk[4] + take]))
+                    chunk[4] += take
+                    need -= take
+                    if chunk[4] == len(chunk[3]):
+                        held.popleft()
+                available -= b
+                while held and held[0][4] == len(held[0][3]):  # a raw batch that decoded to nothing
+                    counts.merge(held.popleft()[5] or {})
+                resume = (held[0][0], held[0][4]) if held else (r + 1, 0)
+                one = len(parts) == 1
+                yield Batch(parts[0][0] if one else torch.cat([p[0] for p in parts]),
+                            parts[0][1] if one else torch.cat([p[1] for p in parts]),
+                            [u for p in parts for u in p[2]], counts.as_dict(), resume=resume)
+                counts = Counts()
 
     def stats(self) -> dict[str, Any]:
         # Counted per read: a shard read in three passes counts its records three times.
         return {"mode": self.mode, "records": self.counts.as_dict(), "workers": self.workers,
-                "shuffle_buffer": self.args["shuffle_buffer"]}
+                "shuffle_buffer": self.args["shuffle_buffer"], "image_decode": self.image_decode,
+                "decode_thread_s": round(self.decode_seconds, 3)}
 
     def state(self) -> dict[str, Any]:
-        return {"records": self.counts.as_dict()}
+        return {"records": self.counts.as_dict(), "resume_at": list(self.resume_at) if self.resume_at else None}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.counts = Counts()
         if state.get("records"):
             self.counts.merge(state["records"])
+        self.resume_at = tuple(state["resume_at"]) if state.get("resume_at") else None
+
+
+def _finish(device: torch.device) -> None:
+    """Wait (in the batch thread) for the work queued on its stream: the batch is then ready and
+    its time is measured."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _ahead(produce: Iterator[Batch], depth: int, device: torch.device) -> Iterator[Batch]:
+    """`produce` run in a thread `depth` batches ahead of the consumer; on cuda on a stream of its
+    own, each batch complete before it is handed over (the thread waits for it, not the step)."""
+    ready: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                for batch in produce:
+                    if not put(batch):
+                        break
+            put(done)
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(e)
+        finally:
+            produce.close()
+
+    thread = threading.Thread(target=run, name="clipsift-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if side is not None:  # the step's stream uses memory the side stream allocated
+                consumer = torch.cuda.current_stream(device)
+                item.images.record_stream(consumer)
+                item.tokens.record_stream(consumer)
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def resolve_image_decode(setting: str, device: torch.device | None) -> str:
+    """data.image_decode resolved: auto decodes on the device when training on cuda."""
+    if setting == "auto":
+        return "device" if device is not None and device.type == "cuda" else "cpu"
+    if setting not in ("cpu", "device"):
+        raise ValueError(f"data.image_decode must be auto, cpu or device, got {setting!r}")
+    return setting
 
 
 def open_data(data_cfg, model: str, size: int, context_bytes: int, batch_size: int, seed: int, rank: int = 0,
-              world_size: int = 1, progress: bool = False, pin_memory: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Resolve shards, subset and mode; returns (MemoryData | StreamData, notes for stats.json)."""
+              world_size: int = 1, progress: bool = False, pin_memory: bool = False,
+              device: torch.device | None = None) -> tuple[Any, dict[str, Any]]:
+    """Resolve shards, subset and mode; returns (MemoryData | StreamData, notes for stats.json).
+    `device`: where training runs (data.image_decode=auto decodes stream batches there on cuda)."""
     paths = find_shards(data_cfg.shards)
     missing_stats = shards_without_stats(paths)
     if missing_stats:
@@ -517,5 +739,5 @@ def open_data(data_cfg, model: str, size: int, context_bytes: int, batch_size: i
             log.warning("%d distinct subset uids are not in the shards (not downloaded?)", data.subset_missing)
     else:
         data = StreamData(paths, size, model, subset, batch_size, seed, rank, world_size, data_cfg.workers,
-                          data_cfg.shuffle_buffer, pin_memory)
+                          data_cfg.shuffle_buffer, pin_memory, resolve_image_decode(data_cfg.image_decode, device), device)
     return data, notes
