@@ -35,6 +35,7 @@ DUPLICATE_KEY = "duplicate_key"
 TRUNCATED_TAR = "truncated_tar"
 UNREADABLE_SHARD = "unreadable_shard"
 CORRUPT_IMAGE = "corrupt_image"
+IMAGE_TOO_LARGE = "image_too_large"  # more pixels than the pipeline's max_image_pixels
 
 
 @dataclass

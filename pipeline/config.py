@@ -11,6 +11,12 @@ from typing import Literal
 from clipsift.eval.models import ModelSpec
 from clipsift.pipeline.heads import HeadSpec
 
+# Pixels an image may have to be decoded in full: 36 Mpx covers 8K frames and most camera photos,
+# ~100x a DataComp image (img2dataset resized those to 512 px a side). Decoding costs time and
+# memory in proportion (a 169 Mpx PNG: ~2 s of CPU and ~630 MiB per decode worker); a CLIP model
+# sees 224-336 px a side.
+MAX_IMAGE_PIXELS = 36_000_000
+
 
 @dataclass
 class RayConfig:
@@ -84,6 +90,10 @@ class EmbedConfig(RunConfig):
     # "device" (the model stage, nvJPEG on a GPU: for GPU machines whose CPUs cannot keep up;
     # pixels differ from PIL's by rounding)
     image_decode: Literal["cpu", "device"] = "cpu"
+    # an image with more pixels (from its header) is skipped as image_too_large, unless it is a JPEG
+    # that decodes at 1/2, 1/4 or 1/8 scale within the limit (PIL draft); 0 = no limit but PIL's own
+    # (2 x PIL.Image.MAX_IMAGE_PIXELS, ~179 Mpx, also an image_too_large skip)
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     normalize: bool = True  # store L2-normalised embeddings (scores are cosines either way)
     on_missing_stats: Literal["error", "process"] = "error"  # a shard without _stats.json may be incomplete
 
@@ -91,6 +101,8 @@ class EmbedConfig(RunConfig):
         super().__post_init__()
         if not self.models:
             raise ValueError("models is empty: configure at least one embedding model")
+        if self.max_image_pixels < 0:
+            raise ValueError(f"max_image_pixels must be >= 0 (0 = no limit), got {self.max_image_pixels}")
         for name in self.models:
             if not name.isidentifier():
                 raise ValueError(f"model name {name!r} must be an identifier (it names npz arrays {name}_img/_txt)")

@@ -7,7 +7,10 @@ counts add up. A chunk is ONE row of the Ray dataset, carrying its samples' enco
 
 DecodeStage turns one chunk row into fixed-shape arrays: every image through the PIL part of each
 model's open_clip transform (uint8, H x W x 3, all images of the chunk in one blob), every caption
-through each tokenizer (int32). An image that fails to decode becomes a corrupt_image skip.
+through each tokenizer (int32). An image that fails to decode becomes a corrupt_image skip; one
+over max_image_pixels (read from its header, before decoding) becomes an image_too_large skip,
+except a JPEG that PIL's draft mode can decode at 1/2, 1/4 or 1/8 scale within the limit: it is
+decoded reduced (a CLIP model sees a few hundred pixels a side either way).
 
 Because a chunk is one row, Ray can neither split a model batch nor merge two: a chunk's
 embeddings never depend on how Ray grouped rows, which makes a resumed run byte-identical to an
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import io
 import time
+import warnings
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -166,7 +171,7 @@ def decode_chunk(row: pa.Table, plan: Plan, setup_s: float = 0.0) -> pa.Table:
     t0, c0, start = time.perf_counter(), time.process_time(), time.time()
     r = row.to_pylist()[0]
     on_device = plan.image_decode == "device"
-    errors = [""] * len(r["encoded"])
+    errors: list[ImageFailure | None] = [None] * len(r["encoded"])
     if not on_device:
         pixels = {p.key: np.empty((len(r["encoded"]), *p.shape), np.uint8) for p in plan.images}
         n_ok = 0
@@ -195,14 +200,14 @@ def decode_chunk(row: pa.Table, plan: Plan, setup_s: float = 0.0) -> pa.Table:
     return pa.table(cols)
 
 
-def mark_failed(r: dict[str, Any], errors: list[str]) -> list[int]:
-    """Turn each sample of chunk row `r` (as a dict) whose image failed into a corrupt_image skip
-    with its error as detail; the indices of the samples kept."""
+def mark_failed(r: dict[str, Any], errors: list[ImageFailure | None]) -> list[int]:
+    """Turn each sample of chunk row `r` (as a dict) whose image failed into a skip with the
+    failure's reason and detail; the indices of the samples kept."""
     sample_records = [i for i, reason in enumerate(r["reasons"]) if not reason]
     for j, error in enumerate(errors):
         if error:
-            r["reasons"][sample_records[j]] = shards.CORRUPT_IMAGE
-            r["details"][sample_records[j]] = error
+            r["reasons"][sample_records[j]] = error.reason
+            r["details"][sample_records[j]] = error.detail
     return [j for j, error in enumerate(errors) if not error]
 
 
@@ -212,7 +217,7 @@ def sample_columns(r: dict[str, Any], kept: list[int]) -> dict[str, pa.Array]:
             **{name: pa.array([[r[name][j] for j in kept]], kind) for name, kind in SAMPLE_COLUMNS.items()}}
 
 
-def drop_failed(row: pa.Table, errors: list[str], plan: Plan) -> pa.Table:
+def drop_failed(row: pa.Table, errors: list[ImageFailure | None], plan: Plan) -> pa.Table:
     """A decoded chunk row without the samples whose image failed on the device (see mark_failed)."""
     r = {name: row.column(name)[0].as_py() for name in ("reasons", "details", *SAMPLE_COLUMNS)}
     kept = mark_failed(r, errors)
@@ -230,20 +235,47 @@ def blob(arr: np.ndarray) -> pa.Array:
     return pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(arr)])
 
 
-def decode_image(data: bytes, plan: Plan) -> tuple[dict[str, np.ndarray], str]:
-    """Every image array the plan needs, or an error string (truncated or undecodable bytes)."""
+@dataclass(frozen=True)
+class ImageFailure:
+    reason: str  # shards.CORRUPT_IMAGE or shards.IMAGE_TOO_LARGE
+    detail: str
+
+
+def decode_image(data: bytes, plan: Plan) -> tuple[dict[str, np.ndarray], ImageFailure | None]:
+    """Every image array the plan needs, or why not (undecodable bytes, or too many pixels)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():  # PIL warns past its own limit; ours (lower) decides below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
             if plan.jpeg_draft:  # JPEG only (a no-op for other formats): the largest scale-down that still covers every input size
                 img.draft(None, (max(p.shape[1] for p in plan.images), max(p.shape[0] for p in plan.images)))
+            too_large = fit_pixel_limit(img, plan.max_image_pixels)
+            if too_large:
+                return {}, ImageFailure(shards.IMAGE_TOO_LARGE, too_large)
             img.load()  # decodes fully: truncated data raises here, not later
             out = {}
             for p in plan.images:
                 pil_steps, _, _ = split_transform(p.cfg_json)
                 arr = np.asarray(pil_steps(img), dtype=np.uint8)
                 if arr.shape != p.shape:
-                    return {}, f"preprocessed to shape {arr.shape}, expected {p.shape}"
+                    return {}, ImageFailure(shards.CORRUPT_IMAGE, f"preprocessed to shape {arr.shape}, expected {p.shape}")
                 out[p.key] = arr
-            return out, ""
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        return {}, shards.describe_error(e)
+            return out, None
+    except Image.DecompressionBombError as e:  # past PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS)
+        return {}, ImageFailure(shards.IMAGE_TOO_LARGE, shards.describe_error(e))
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
+        return {}, ImageFailure(shards.CORRUPT_IMAGE, shards.describe_error(e))
+
+
+def fit_pixel_limit(img: Image.Image, limit: int) -> str:
+    """"" when opened image `img` fits `limit` pixels (0: no limit), if need be by setting a JPEG
+    to decode at the least reduction (1/2, 1/4, 1/8) that fits; otherwise why it does not fit."""
+    w, h = img.size
+    if not limit or w * h <= limit:
+        return ""
+    scale = next((s for s in (2, 4, 8) if -(-w // s) * -(-h // s) <= limit), 8)  # draft rounds sizes up
+    img.draft(None, (max(w // scale, 1), max(h // scale, 1)))  # JPEG only: other formats keep their size
+    if img.size[0] * img.size[1] <= limit:
+        return ""
+    return f"{w}x{h} = {w * h / 1e6:.1f} Mpx, over max_image_pixels={limit}"

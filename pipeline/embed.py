@@ -42,7 +42,7 @@ def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
     expected = expected_rows(shard_paths, cfg.on_missing_stats)
     plan = make_plan(cfg.models, cfg.heads, batch_size=cfg.batch_size, normalize=cfg.normalize,
                      precision=cfg.precision, seed=cfg.seed, allow_random_weights=cfg.allow_random_weights,
-                     jpeg_draft=cfg.jpeg_draft, image_decode=cfg.image_decode)
+                     jpeg_draft=cfg.jpeg_draft, image_decode=cfg.image_decode, max_image_pixels=cfg.max_image_pixels)
     fingerprint = plan.fingerprint()
     stems = [p.stem for p in shard_paths]
     done_before = finished(out, shard_paths, fingerprint)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from clipsift.eval.models import ModelSpec, ensure_arch, file_sha256, load_model, resolve_pretrained, tokenizer, weights_id
+from clipsift.pipeline.config import MAX_IMAGE_PIXELS
 from clipsift.pipeline.heads import HeadSpec, build_heads, run_heads
 
 _TO_TENSOR = ("ToTensor", "MaybeToTensor")
@@ -72,6 +73,7 @@ class Plan:
     jpeg_draft: bool = False  # decode JPEGs at a reduced scale that still covers the model input (PIL draft)
     image_decode: str = "cpu"  # "device": the model stage decodes JPEGs (pipeline.device_decode)
     score_columns: list[str] = field(default_factory=list)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images: JPEG decoded reduced, else image_too_large
 
     def embedding_names(self) -> list[str]:
         return [f"{m.name}_{t}" for m in self.models for t in ("img", "txt")]
@@ -86,6 +88,8 @@ class Plan:
             doc["jpeg_draft"] = True
         if self.image_decode != "cpu":
             doc["image_decode"] = self.image_decode
+        if self.max_image_pixels != MAX_IMAGE_PIXELS:
+            doc["max_image_pixels"] = self.max_image_pixels
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -100,7 +104,7 @@ def open_clip_source(spec: ModelSpec) -> tuple[str, str]:
 
 def make_plan(models: dict[str, ModelSpec], heads: dict[str, HeadSpec], *, batch_size: int, normalize: bool,
               precision: str, seed: int, allow_random_weights: bool, jpeg_draft: bool = False,
-              image_decode: str = "cpu") -> Plan:
+              image_decode: str = "cpu", max_image_pixels: int = MAX_IMAGE_PIXELS) -> Plan:
     """Probe each model's preprocessing and tokenizer (architecture only, weights stay on disk)."""
     import open_clip
 
@@ -129,7 +133,7 @@ def make_plan(models: dict[str, ModelSpec], heads: dict[str, HeadSpec], *, batch
         del model
         plans.append(ModelPlan(name, oc_name, pretrained, image.key, text.key, mean, std, _weights(spec, oc_name, seed)))
     plan = Plan(plans, list(images.values()), list(texts.values()), dict(heads), batch_size, normalize,
-                precision, seed, jpeg_draft, image_decode)
+                precision, seed, jpeg_draft, image_decode, max_image_pixels=max_image_pixels)
     if image_decode == "device":
         from clipsift.pipeline.device_decode import check_device_decodable
 

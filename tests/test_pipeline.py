@@ -528,7 +528,7 @@ def test_jpeg_draft_decodes_close_to_full_decoding(models):
     Image.fromarray(smooth).save(buf, format="JPEG", quality=90)
     full, err_full = decode_image(buf.getvalue(), plan)
     small, err_small = decode_image(buf.getvalue(), draft)
-    assert err_full == err_small == ""
+    assert err_full is None and err_small is None
     for key in full:
         assert small[key].shape == full[key].shape
         assert np.abs(small[key].astype(int) - full[key].astype(int)).mean() < 3.0
@@ -591,3 +591,76 @@ def test_device_decoding_pipeline_keeps_the_same_rows_and_close_embeddings(ci_wo
                                  image_decode="device"), echo=quiet)
     assert bad["shards"]["00000000"]["skipped"] == {shards.CORRUPT_IMAGE: 1, shards.DUPLICATE_KEY: 1}
     assert bad["shards"]["00000000"]["rows_out"] == 2
+
+
+# ---------------------------------------------------------------- image size limit (issue 22, item 6)
+def _png_claiming(w: int, h: int) -> bytes:
+    """A tiny PNG whose header claims w x h pixels (its data is a 1x1 image's): PIL reads the size
+    from the header alone, so the limits act on it without anyone decoding a huge image."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytes(data[12:16]) + struct.pack(">II", w, h) + bytes(data[24:29])
+    data[16:24] = ihdr[4:12]
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
+def test_images_over_the_pixel_limit_are_skipped_or_decoded_reduced(models, tmp_path):
+    """Over max_image_pixels a JPEG decodes at PIL's draft scale (the least of 1/2, 1/4, 1/8 that
+    fits), anything else is an image_too_large skip, as is an image past PIL's own bomb limit with no
+    limit of ours; under the limit decoding is what it was. The device path routes large JPEGs to
+    the CPU path, so both give the same pixels and reasons."""
+    from dataclasses import replace
+
+    from clipsift.pipeline.decode import decode_chunk, decode_image, read_chunks
+    from clipsift.pipeline.device_decode import decode_on_device
+    from clipsift.pipeline.encoders import make_plan, split_transform
+
+    plan = make_plan(models, {}, batch_size=8, normalize=True, precision="fp32", seed=0, allow_random_weights=False,
+                     max_image_pixels=50_000)
+    unlimited = replace(plan, max_image_pixels=0)
+    assert len({plan.fingerprint(), unlimited.fingerprint(), replace(plan, max_image_pixels=36_000_000).fingerprint()}) == 3
+    big_jpeg, big_png, small = _photo(600, 400, 0), _photo(300, 200, 1, "PNG"), _photo(220, 200, 2)
+    arrays, failure = decode_image(big_png, plan)
+    assert arrays == {} and failure.reason == shards.IMAGE_TOO_LARGE
+    assert failure.detail == "300x200 = 0.1 Mpx, over max_image_pixels=50000"
+    assert decode_image(big_png, unlimited)[1] is None
+    # 600x400 = 240k px: 1/2 scale is 60k, still over; 1/4 (150x100) fits
+    reduced, failure = decode_image(big_jpeg, plan)
+    assert failure is None
+    with Image.open(io.BytesIO(big_jpeg)) as img:
+        img.draft(None, (150, 100))
+        assert img.size == (150, 100)
+        img.load()
+        for p in plan.images:
+            np.testing.assert_array_equal(reduced[p.key], np.asarray(split_transform(p.cfg_json)[0](img)))
+    full, _ = decode_image(big_jpeg, unlimited)
+    for key in full:
+        diff = np.abs(reduced[key].astype(int) - full[key].astype(int))
+        assert 0 < diff.mean() < 3.0  # decoded reduced, yet close to full decoding
+    same, _ = decode_image(small, plan)  # 44k px: under the limit, decoded exactly as without one
+    for key, a in decode_image(small, unlimited)[0].items():
+        np.testing.assert_array_equal(same[key], a)
+    # past PIL's own limit (2 x Image.MAX_IMAGE_PIXELS): too large, not corrupt, with no limit of ours
+    bomb = _png_claiming(20_000, 20_000)
+    assert decode_image(bomb, unlimited)[1].reason == shards.IMAGE_TOO_LARGE
+    assert decode_image(bomb, unlimited)[1].detail.startswith("DecompressionBombError")
+
+    device_plan = replace(plan, image_decode="device")
+    inputs = [big_jpeg, big_png, small, bomb]
+    images, errors = decode_on_device(inputs, device_plan, torch.device("cpu"))
+    cpu = [decode_image(d, plan) for d in inputs]
+    assert errors == [e for _, e in cpu] and [e.reason if e else None for e in errors] == [
+        None, shards.IMAGE_TOO_LARGE, None, shards.IMAGE_TOO_LARGE]
+    for p in plan.images:
+        np.testing.assert_array_equal(images[p.key][0].numpy(), reduced[p.key])  # the CPU path's pixels
+
+    # a shard: the skip is counted by reason, the other samples kept
+    tar = _write(tmp_path, 0, [_sample(0, 0), _sample(0, 1, image=big_png), _sample(0, 2)])
+    rows = [decode_chunk(t, plan).to_pylist()[0] for t in read_chunks(str(tar), 0, 8)]
+    assert [r for row in rows for r in row["reasons"]] == ["", shards.IMAGE_TOO_LARGE, ""]
+    assert sum(len(row["uid"]) for row in rows) == 2
