@@ -88,11 +88,17 @@ class Verdict:
     score: np.ndarray | None = None  # float32 per row, for filters that compute a new score
 
     @classmethod
-    def from_rules(cls, n: int, rules: list[tuple[str, np.ndarray]], score: np.ndarray | None = None) -> "Verdict":
-        """Keep rows that pass every rule; a dropped row gets the reason of its first failing rule."""
+    def from_rules(cls, n: int, rules: list[tuple[str, Any]], score: np.ndarray | None = None) -> "Verdict":
+        """Keep rows that pass every rule; a dropped row gets the reason of its first failing rule.
+
+        A rule is a bool mask, or a callable taking the rows still kept (a bool mask) and returning
+        one: costly rules (language id) go last and only look at rows the cheap ones kept.
+        """
         keep = np.ones(n, dtype=bool)
         reason = np.full(n, "", dtype=object)
         for name, ok in rules:
+            if callable(ok):
+                ok = ok(keep.copy())
             failed = keep & ~np.asarray(ok, dtype=bool)
             reason[failed] = name
             keep &= ~failed
@@ -103,9 +109,9 @@ class Verdict:
 class Context:
     """Shared resources a filter may need, resolved once by the runner."""
 
-    lang: Any = None  # clipsift.filters.lang.LanguageId
+    lang: Any = None  # clipsift.filters.lang.Languages
     downstream_embeddings: str = ""  # .npy of downstream training-image embeddings
-    concepts: list[str] = field(default_factory=list)  # downstream concept names (text_based)
+    concepts: list[str] = field(default_factory=list)  # downstream class names (text_based_world)
     work_dir: Path | None = None  # where pool-level filters keep resumable state
     seed: int = 0
     batch_size: int = 65536
@@ -142,6 +148,37 @@ def register(kind: str) -> Callable[[type[Filter]], type[Filter]]:
         return cls
 
     return deco
+
+
+# ---------------------------------------------------------------- top-k / top fraction
+def top_fraction_threshold(scores: np.ndarray, fraction: float) -> float:
+    """DataComp's pool cut: the score at rank int(N * fraction) of the scores in descending order.
+
+    Every row scoring >= it is kept, ties included, so int(N * fraction) + 1 rows or more pass
+    (DataComp's get_threshold: -np.sort(-scores)[int(len(scores) * fraction)]). The product is
+    truncated as Python's int() does (0.29 * 100 -> 28). Missing (NaN) scores rank last; a cut
+    that falls on them is an error. The one definition behind clip_score, normsim and
+    `clipsift sample method=top_fraction`.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise FilterError(f"fraction must be in (0, 1], got {fraction}")
+    s = np.asarray(scores, dtype=np.float64)
+    if len(s) == 0:
+        raise FilterError("cannot take a pool fraction of an empty pool")
+    rank = min(int(len(s) * fraction), len(s) - 1)  # fraction 1.0 keeps the whole pool (DataComp: IndexError)
+    cut = float(-np.partition(-np.where(np.isnan(s), -np.inf, s), rank)[rank])
+    if cut == -np.inf and np.isnan(s).any():
+        raise FilterError(f"the top {fraction} of {len(s)} rows reaches rows without a score "
+                          f"({int(np.isnan(s).sum())} missing); use a smaller fraction or a threshold")
+    return cut
+
+
+def top_fraction_mask(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Rows kept by the top `fraction` rule (top_fraction_threshold), compared in the scores' dtype."""
+    scores = np.asarray(scores)
+    cut = top_fraction_threshold(scores, fraction)
+    dtype = scores.dtype if np.issubdtype(scores.dtype, np.floating) else np.dtype(np.float64)
+    return scores >= dtype.type(cut)
 
 
 # ---------------------------------------------------------------- the config tree

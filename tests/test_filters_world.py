@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import py3langid
 import pytest
 import torch
 from PIL import Image
@@ -26,6 +25,7 @@ from PIL import Image
 from clipsift import cli, config, formats
 from clipsift.filters import filter_cli
 from clipsift.filters.image_based import normsim_scores
+from clipsift.filters.lang import identifier
 from clipsift.filters.filter_cli import FilterRunConfig
 from clipsift.shards import Sample, read_shard
 from clipsift.world.generate import load_ground_truth
@@ -103,8 +103,8 @@ def run_preset(world, name, tmp_path, *overrides):
 
 
 # ---------------------------------------------------------------- plain versions of DataComp's rules
-def english(texts) -> np.ndarray:
-    return np.array([py3langid.classify(t.replace("\n", " "))[0] == "en" for t in texts])
+def english(texts, backend="fasttext") -> np.ndarray:
+    return identifier(backend).predict(list(texts)) == "en"
 
 
 def basic_rule(m: pd.DataFrame) -> np.ndarray:
@@ -134,7 +134,7 @@ def test_no_filter_basic_clip_score_laion_match_plain_rules(world, tmp_path):
     assert run_preset(world, "clip_score_b32_30", tmp_path)[0] == uids(m, top_fraction(b32, 0.3))
     got, _ = run_preset(world, "clip_score_l14_30", tmp_path, "filter.args={column: b32, threshold: 0.3}")
     assert got == uids(m, b32 >= np.float32(0.3))
-    assert run_preset(world, "laion2b", tmp_path)[0] == uids(m, english(m.text) & (b32 >= np.float32(0.28)))
+    assert run_preset(world, "laion2b", tmp_path)[0] == uids(m, english(m.text, "cld3") & (b32 >= np.float32(0.28)))
 
 
 def test_text_based_matches_plain_rule(world, tmp_path):
@@ -150,10 +150,10 @@ def test_text_based_matches_plain_rule(world, tmp_path):
         return any(p.search(t) for p in patterns)
 
     expected = english(m.text) & m.text.map(names_concept).values
-    got, stats = run_preset(world, "text_based", tmp_path, f"downstream.concepts={world['world']}")
+    got, stats = run_preset(world, "text_based_world", tmp_path, f"downstream.concepts={world['world']}")
     assert got == uids(m, expected)
     assert 0 < len(got) < len(m)
-    assert stats["filters"]["text_based"]["counts"]["dropped"]["no_concept"] > 0
+    assert stats["filters"]["text_based_world"]["counts"]["dropped"]["no_concept"] > 0
 
 
 def image_based_plain(world, k: int) -> np.ndarray:
@@ -219,7 +219,7 @@ def test_basic_and_language_catch_planted_noise(world, tmp_path):
     assert dropped_basic[foreign].mean() >= 0.95
     assert dropped_basic[(gt.small | gt.extreme_aspect).values].all()
     should_drop = foreign | junk | (gt.small | gt.extreme_aspect).values | (m.text.map(lambda t: len(t.split())) <= 2).values
-    assert should_drop[dropped_basic].mean() >= 0.6  # precision; the rest are short English captions py3langid misses
+    assert should_drop[dropped_basic].mean() >= 0.6  # precision; the rest are short English captions the language id misses
     clean = (gt.noise == "clean").values & ~should_drop
     assert (~dropped_basic[clean]).mean() >= 0.85
 
@@ -287,5 +287,5 @@ def test_filter_command_writes_subset_stats_and_config(world, tmp_path):
     stats = (out / "stats.json").read_text()
     assert "not_english" in stats and "small_image" in stats
     resolved = config.load(FilterRunConfig, out / "config.yaml")
-    assert resolved.filter.kind == "basic" and resolved.lang.backend == "py3langid"
+    assert resolved.filter.kind == "basic" and resolved.lang.backend == ""
     shutil.rmtree(out)
