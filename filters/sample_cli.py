@@ -33,7 +33,7 @@ class SampleConfig:
     alpha: float = sampling.DEFAULT_ALPHA  # scs: logit decrease per draw
     batch_size: int = 0  # scs: distinct draws per round; 0 = scaled to the rows as FLYT's 100k to 128M
     total: int = 0  # scs/hcs: draws to make; 0 = number of sampled rows (DataComp: samples seen = pool size)
-    fraction: float = 0.3  # top_fraction: keep floor(fraction * rows) examples
+    fraction: float = 0.3  # top_fraction: scores >= the one at rank int(fraction * rows), ties kept (DataComp)
     threshold: Optional[float] = None  # threshold: keep score >= threshold
     cap: int = 0  # hcs: at most this many draws per example (required for hcs)
     seed: int = 0

@@ -10,7 +10,8 @@ multiset "uid i repeated counts[i] times" is a DataComp subset; `write_counts_su
                    choice without replacement each round): the reference for tests and benchmarks.
 - hard_cap_sample  i.i.d. draws from the fixed softmax(scores); draws of an example already at
                    `cap` are dropped, until `total` draws are kept.
-- top_fraction     the floor(fraction * N) best examples once each.
+- top_fraction     DataComp's top fraction (filters/base.py): every example scoring >= the score at
+                   rank int(fraction * N), once each (ties kept, as the clip_score filter does).
 - threshold_select examples with score >= t, once each.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from clipsift.filters.base import top_fraction_mask
 from clipsift.filters.sampling_blocks import BlockPool
 from clipsift.formats import write_subset
 
@@ -158,26 +160,15 @@ def hard_cap_sample(scores: np.ndarray, total: int | None = None, *, cap: int,
 
 
 def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
-    """Keep the k = floor(fraction * N) highest-scoring examples once each (uint8 counts).
+    """DataComp's top `fraction` once each (uint8 counts): the rule the clip_score filter uses.
 
-    Exactly k examples are kept. Ties at the cut go to the lowest index (file order, then row
-    order), so the result is deterministic. (DataComp's clip_score --fraction keeps all ties
-    instead; use threshold_select for that behaviour.)
+    Keeps every example scoring >= the score at rank int(fraction * N) in descending order, ties
+    included, so int(fraction * N) + 1 examples or more (filters.base.top_fraction_threshold).
     """
     scores = _check_scores(scores)
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    n = len(scores)
-    k = min(n, math.floor(fraction * n + 1e-9))  # 1e-9 absorbs float error: 0.29 * 100 -> 29
-    counts = np.zeros(n, dtype=np.uint8)
-    if k == 0:
-        return counts
-    cut = np.partition(scores, n - k)[n - k]  # k-th largest score
-    above = scores > cut
-    counts[above] = 1
-    ties = np.flatnonzero(scores == cut)
-    counts[ties[: k - int(above.sum())]] = 1
-    return counts
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return top_fraction_mask(scores, fraction).astype(np.uint8)
 
 
 def threshold_select(scores: np.ndarray, threshold: float) -> np.ndarray:

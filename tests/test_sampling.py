@@ -271,11 +271,14 @@ def test_hard_cap_without_binding_cap_is_multinomial():
 
 def test_top_fraction_count_and_ties():
     scores = np.array([5.0, 3.0, 4.0, 3.0, 3.0, 1.0])
-    assert top_fraction(scores, 0.5).tolist() == [1, 1, 1, 0, 0, 0]  # tie at the cut: lowest index
-    assert top_fraction(np.arange(100.0), 0.29).sum() == 29  # 0.29 * 100 is 28.999... in floats
-    assert top_fraction(scores, 0.0).sum() == 0 and top_fraction(scores, 1.0).sum() == 6
-    with pytest.raises(ValueError):
-        top_fraction(scores, 1.5)
+    # DataComp's rule: keep scores >= the score at rank int(0.5 * 6) = 3 of [5, 4, 3, 3, 3, 1]: ties kept
+    assert top_fraction(scores, 0.5).tolist() == [1, 1, 1, 1, 1, 0]
+    assert top_fraction(np.arange(100.0), 0.29).sum() == 29  # int(0.29 * 100) = 28 in floats: rank 28 kept
+    assert top_fraction(np.arange(100.0), 0.3).sum() == 31  # rank int(30.0) = 30 kept too
+    assert top_fraction(scores, 1.0).sum() == 6
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError):
+            top_fraction(scores, bad)
 
 
 def test_threshold_keeps_scores_at_or_above():
