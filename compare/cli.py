@@ -13,6 +13,9 @@ better CLIP. A config names a world (preset or folder), a scale (configs/train/<
 strategies, each a filter tree and/or a sampler over a score column (CLIP scores from the
 pipeline, normsim_score, flyt_score, mflyt_score). Shared work (world, reference CLIPs, pipeline
 embeddings, learned scorers) is computed once and cached in `out`; a killed compare resumes.
+A strategy sampling by a learned score retrains its scorer per seed (scorer seed = training seed,
+or the strategy's scorer_seeds), so its spread covers the scorer too. SCS draws the scale's
+samples seen (sample.total=0), in rounds scaled to the pool as FLYT's 100k to 128M.
 --seeds via seeds=[0,1,2]. Writes out/report/ (results.md/.csv/.json, plots, report.md).
 Example: clipsift compare -p tiny   |   clipsift compare -p ci out=runs/compare/ci only=[basic]"""
 

@@ -23,6 +23,10 @@ def test_presets_parse_into_typed_strategies():
     assert combo.filter.kind == "all" and [c.kind for c in combo.filter.of] == ["image_based", "clip_score"]
     scs = next(s for s in tiny.strategies if s.name == "mflyt_scs_a025")
     assert scs.sample.method == "scs" and scs.sample.alpha == 0.25 and scs.filter is None
+    learned = [s for s in tiny.strategies if s.learned]
+    assert [s.name for s in learned] == ["flyt_top30", "mflyt_top30", "mflyt_scs_a015", "mflyt_scs_a025"]
+    plans = {tuple(Compare(tiny, echo=lambda s: None).plan(s)) for s in learned}
+    assert plans == {((0, 0), (1, 1))}  # two scorers each: the spread holds the scorer's variance
 
 
 @pytest.mark.parametrize("strategies, message", [
