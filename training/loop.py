@@ -63,12 +63,19 @@ class Stepper:
         if world_size > 1:
             self.forward = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device] if cuda else None, broadcast_buffers=not global_bn)
+        self.graphs = cuda and cfg.compile == "reduce-overhead"
+        if cfg.compile != "off" and cuda:  # as open_clip's --torchcompile: the model, not the loss
+            self.forward = torch.compile(self.forward, mode=None if cfg.compile == "default" else cfg.compile)
+        elif cfg.compile != "off":
+            log.info("compile=%s applies on cuda; the step runs eagerly on %s", cfg.compile, device)
         model.train()
 
     def step(self, images: torch.Tensor, tokens: torch.Tensor, lr: float) -> torch.Tensor:
         """One AdamW step at learning rate `lr`; returns the (local) loss, not synchronised."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.graphs:  # a new iteration: the CUDA graphs may reuse the last one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         images = normalize(images.to(self.device, non_blocking=True), self.mean, self.std)
         tokens = tokens.to(self.device, non_blocking=True)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
@@ -135,7 +142,8 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world_size: int, device: torc
 
     with timer("load_data"):
         data, notes = open_data(cfg.data, cfg.model, size, int(model.context_length) * 4, cfg.batch_size, cfg.seed,
-                                rank, world_size, progress=cfg.progress and rank == 0, pin_memory=cuda)
+                                rank, world_size, progress=cfg.progress and rank == 0, pin_memory=cuda,
+                                device=device)
         if data.mode == "memory" and cuda:
             data.to(device)
 
@@ -172,6 +180,7 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world_size: int, device: torc
     bar = tqdm(total=steps, initial=start, unit="step", desc=f"train {cfg.model}", dynamic_ncols=True,
                disable=not cfg.progress or rank != 0)
     batches = data.batches(start)
+    clock = StepClock(device)
     t_train = time.perf_counter()
     window = (t_train, start)
     step, loss = start, None
@@ -181,15 +190,18 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world_size: int, device: torc
                 with timer("data_wait"):
                     batch = next(batches)
                 lr = cosine_lr(step, cfg.lr, cfg.warmup, steps)
+                mark = clock.start()
                 loss = stepper.step(batch.images, batch.tokens, lr)
+                clock.stop(mark)
                 done = step + 1
-                if done % cfg.log_every == 0 or done == end:
+                if done % cfg.log_every == 0 or done == end:  # the only reads from the device: every log_every steps
                     now = time.perf_counter()
                     rate = (done - window[1]) * cfg.batch_size / max(now - window[0], 1e-9)
                     window = (now, done)
                     row = {"step": done, "loss": _global_mean(loss.float(), world_size), "lr": lr,
                            "samples_per_s": round(rate, 1), "logit_scale": round(float(model.logit_scale.detach().exp()), 3)}
                     rows.append(row)
+                    clock.collect()  # the loss was read: every step's events have completed
                     log.info("step %d/%d loss %.4f lr %.3g samples/s %.0f", done, steps, row["loss"], lr, rate)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
                 bar.update(1)
@@ -199,6 +211,8 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world_size: int, device: torc
     finally:
         bar.close()
         batches.close()
+    clock.collect(sync=True)
+    timer.seconds["gpu_step"] = clock.seconds
     save(step)
 
     timer.seconds["total"] = time.perf_counter() - t_start
@@ -227,8 +241,42 @@ def _stats(cfg, data, notes, step, steps, params, device, world_size, bf16, time
         "train_seconds_all_sessions": round(prior_seconds + train_s, 3),
         "samples_per_s": round(trained / train_s, 1) if train_s else 0.0,
         "data_wait_fraction": round(timer.seconds.get("data_wait", 0.0) / train_s, 4) if train_s else 0.0,
+        # cuda: the time the GPU spent inside steps (CUDA events) / the training loop's wall time
+        "gpu_busy_fraction": round(timer.seconds["gpu_step"] / train_s, 4) if device.type == "cuda" and train_s else None,
         "final_loss": rows[-1]["loss"] if rows else None, "log": rows,
     }
+
+
+class StepClock:
+    """GPU time of each step from CUDA events: recorded around every step without a sync and read
+    only when the loop has synced anyway (its loss read every log_every steps). Nothing on a CPU.
+    A step's span runs from when the GPU reaches its first work to its last kernel's end, so gaps
+    where the GPU waits for kernel launches inside a step count as busy."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.pending: list[tuple[Any, Any]] = []
+        self.seconds = 0.0
+
+    def start(self):
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, start) -> None:
+        if start is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.pending.append((start, end))
+
+    def collect(self, sync: bool = False) -> None:
+        if self.cuda and sync:
+            torch.cuda.synchronize(self.device)
+        self.seconds += sum(a.elapsed_time(b) for a, b in self.pending) / 1000
+        self.pending.clear()
 
 
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
