@@ -61,6 +61,9 @@ class TrainConfig:
     compile: Literal["off", "default", "reduce-overhead"] = "off"
     checkpoint_every: int = 100  # steps between atomic checkpoints (and always at the end)
     resume: str | None = None  # "latest" (<out>/checkpoints/epoch_latest.pt) or a checkpoint path
+    # weights to start from (a checkpoint or a run folder of the same architecture): fine-tuning;
+    # the optimiser, schedule and data order start fresh. "" = random init from `seed`
+    init: str = ""
     stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps: a planned interruption
     log_every: int = 10
     progress: bool = True  # tqdm bar on stderr

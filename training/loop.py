@@ -138,6 +138,12 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world_size: int, device: torc
 
     stepper = Stepper(cfg, device, rank, world_size)
     model, optimizer = stepper.model, stepper.optimizer
+    if cfg.init and state is None:  # fine-tuning: a resumed run already holds its own weights
+        from clipsift.eval.models import resolve_pretrained
+
+        init = resolve_pretrained(cfg.model, cfg.init)
+        model.load_state_dict(checkpoint.load(Path(init))["state_dict"])
+        log.info("weights initialised from %s", init)
     size, cuda, bf16 = image_size(model), device.type == "cuda", stepper.bf16
 
     with timer("load_data"):

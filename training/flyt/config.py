@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from clipsift.config import Count, Fraction, Natural, NonNegative, Positive
+
 
 @dataclass
 class ReferenceConfig:
@@ -17,14 +19,14 @@ class ReferenceConfig:
 
     arch: str = "world-rn-s"  # open_clip architecture
     pretrained: str = ""  # checkpoint file or training run folder; "" = <world>/models/b32
-    lr: float = 5e-5
-    wd: float = 0.2  # on >= 2-D weights only
+    lr: Positive = 5e-5
+    wd: NonNegative = 0.2  # on >= 2-D weights only
     # The log logit scale (ln τ) is clamped to [min, max] after each update, as FLYT does.
     logit_scale_min: float = 2.0
     logit_scale_max: float = math.log(100)
     # Batches that fill AdamW's moments (θ unchanged) before the first scorer step. 0 = the paper's
     # fresh optimiser; short runs need a few (hypergrad.warm_moments says why).
-    moment_warmup: int = 0
+    moment_warmup: Natural = 0
 
 
 @dataclass
@@ -32,7 +34,7 @@ class DownstreamConfig:
     tasks: str = ""  # task list (tasks.yaml); "" = <world>/tasks.yaml
     names: list[str] = field(default_factory=list)  # tasks to use (default: every task in the list)
     split: str = "train"  # the split FLYT learns from (never the evaluation split)
-    batch_size: int = 3072  # examples per task and step (global; fewer if the split is smaller)
+    batch_size: Count = 3072  # examples per task and step (global; fewer if the split is smaller)
     rho_init: float = math.log(1 / 0.07)  # ρ: log temperature of the zero-shot heads (learned)
 
 
@@ -43,25 +45,25 @@ class LoopConfig:
     pool: str = ""  # pool shards folder; "" = <world>/pool/shards
     metadata: str = ""  # required: the pipeline's OUT/metadata for this pool (parquet + npz embeddings/scores)
     seed: int = 0  # scorer init, batch order, templates
-    steps: int = 5000
-    batch_size: int = 4096  # global upstream batch (the softmax of the scores is over all of it)
-    warmup: int = 100  # linear warmup, then cosine to 0 (both learning rates)
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
+    steps: Count = 5000
+    batch_size: Count = 4096  # global upstream batch (the softmax of the scores is over all of it)
+    warmup: Natural = 100  # linear warmup, then cosine to 0 (both learning rates)
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.98
+    eps: Positive = 1e-6
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     score_pool: bool = True  # after training, score every row of `metadata` into <out>/scores/
     # Execution: these do not change what is learned (up to floating point).
     device: str = "auto"  # auto: cuda when available, else cpu
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
-    threads: int | None = None  # torch CPU threads per process (None: cores / local processes)
-    workers: int = 0  # DataLoader processes decoding the pool shards at start-up
+    threads: Count | None = None  # torch CPU threads per process (None: cores / local processes)
+    workers: Natural = 0  # DataLoader processes decoding the pool shards at start-up
     decode_cache: str = ""  # a folder keeping the pool decoded (training DataConfig.decode_cache)
-    checkpoint_every: int = 100
+    checkpoint_every: Count = 100
     resume: str | None = None  # "latest" or a checkpoint path
-    stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps
-    log_every: int = 10
+    stop_after_steps: Natural | None = None  # stop (with a checkpoint) after this many steps
+    log_every: Count = 10
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -74,15 +76,15 @@ class ScorerConfig:
     """FLYT's GLU head on Ψ = [image emb; text emb] of a frozen CLIP."""
 
     embeddings: str = "b32"  # the pipeline model whose <name>_img / <name>_txt arrays are Ψ
-    hidden: int = 0  # 0 = the input dimension (the paper's choice)
-    depth: int = 1  # GLU blocks
+    hidden: Natural = 0  # 0 = the input dimension (the paper's choice)
+    depth: Count = 1  # GLU blocks
     # random: PyTorch's default init; uniform: output layer zeroed, so every example starts with the same
     # score (uniform weights, nothing ranked by chance); clip_score: start as init_scale * cosine(img, txt)
     init: Literal["random", "uniform", "clip_score"] = "random"
-    init_scale: float = 10.0  # clip_score init: keep init_scale x (spread of the pool's cosines) a few units,
+    init_scale: Positive = 10.0  # clip_score init: keep init_scale x (spread of the pool's cosines) a few units,
     # or the softmax over a batch starts on a handful of examples
-    lr: float = 1e-3
-    wd: float = 0.2  # on >= 2-D weights only
+    lr: Positive = 1e-3
+    wd: NonNegative = 0.2  # on >= 2-D weights only
 
 
 @dataclass
@@ -98,7 +100,7 @@ class MixerConfig:
     columns: list[str] = field(default_factory=lambda: ["clip_b32_similarity_score", "clip_l14_similarity_score"])
     # More folders of per-uid score parquets joined to `metadata` by uid (e.g. a FLYT run's scores/).
     extra_metadata: list[str] = field(default_factory=list)
-    lr: float = 1e-3
+    lr: Positive = 1e-3
     wd: float = 0.0
 
 
