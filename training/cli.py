@@ -20,7 +20,8 @@ reference_l (the world's reference CLIPs). Multi-GPU / multi-process: torchrun -
 Examples:
   clipsift train -p tiny data.shards=runs/world/tiny/pool data.subset=subset.npy out=runs/train/x
   clipsift train -p tiny ... out=runs/train/x --resume latest     (continue a killed run)
-  clipsift train --reference-models runs/world/tiny               (the world's two reference CLIPs)"""
+  clipsift train --reference-models runs/world/tiny               (the world's two reference CLIPs)
+  clipsift train --dfn-model runs/world/tiny                      (its DFN-style model, from b32)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-models", metavar="WORLD_DIR",
                         help="train (or reuse) the world's reference CLIPs into WORLD_DIR/models/{b32,l14}; "
                              "key=value overrides apply to both")
+    parser.add_argument("--dfn-model", metavar="WORLD_DIR",
+                        help="fine-tune (or reuse) the world's DFN-style model from its b32 reference into "
+                             "WORLD_DIR/models/dfn (preset reference_dfn; key=value overrides apply to it)")
 
 
 def main(cfg: TrainConfig, args: argparse.Namespace) -> int:
@@ -37,6 +41,12 @@ def main(cfg: TrainConfig, args: argparse.Namespace) -> int:
 
         models = ensure_reference_models(args.reference_models, overrides=args.overrides, progress=cfg.progress)
         print(json.dumps({m.name: {"arch": m.arch, "checkpoint": str(m.checkpoint)} for m in models}, indent=1))
+        return 0
+    if args.dfn_model:
+        from clipsift.training.reference import ensure_dfn_model
+
+        m = ensure_dfn_model(args.dfn_model, overrides=args.overrides, progress=cfg.progress)
+        print(json.dumps({m.name: {"arch": m.arch, "checkpoint": str(m.checkpoint)}}, indent=1))
         return 0
     if args.resume:
         cfg.resume = args.resume

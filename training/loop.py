@@ -112,12 +112,11 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, run: Path, rank: int, world_size: int, device: torch.device) -> Path:
     timer = Timer()
     t_start = time.perf_counter()
-    for key in ("samples_seen", "batch_size", "log_every", "checkpoint_every", "warmup"):
-        if getattr(cfg, key) < (0 if key == "warmup" else 1):
-            raise ValueError(f"{key} must be {'>= 0' if key == 'warmup' else '>= 1'}, got {getattr(cfg, key)}")
+    config.check(cfg)  # sizes in range (a loaded config was checked already; this is for library callers)
     steps = cfg.samples_seen // cfg.batch_size
     if steps < 1:
-        raise ValueError(f"samples_seen {cfg.samples_seen} is less than one batch of {cfg.batch_size}")
+        raise config.ConfigError(f"samples_seen: {cfg.samples_seen} is less than one batch of {cfg.batch_size}; "
+                                 "raise samples_seen or lower batch_size")
     resolved = config.to_dict(cfg)
 
     ckpt_path = checkpoint.latest_path(run)
@@ -125,7 +124,7 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world_size: int, device: torc
     if resume_from is None and ckpt_path.is_file():
         raise FileExistsError(f"{run} already holds a checkpoint; pass resume=latest to continue it "
                               "or choose another out")
-    state = checkpoint.load(resume_from) if resume_from else None
+    state = checkpoint.load(resume_from, resume=True) if resume_from else None
     if state is not None:
         _check_resumable(state["config"], resolved, resume_from)
         if state["step"] >= steps:
@@ -156,9 +155,10 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world_size: int, device: torc
     start, rows, prior_seconds = 0, [], 0.0
     if state is not None:
         if state.get("data_mode") != data.mode or state.get("lanes") != _lanes(data, world_size):
-            raise ValueError(f"resume: the checkpoint was written with data mode {state.get('data_mode')} and "
-                             f"{state.get('lanes')} stream lanes; this run has {data.mode} / {_lanes(data, world_size)}, "
-                             "which would change the data order")
+            raise config.ConfigError(
+                f"resume: the checkpoint was written with data mode {state.get('data_mode')} and {state.get('lanes')} "
+                f"stream lanes; this run has {data.mode} / {_lanes(data, world_size)}, which would change the data "
+                "order; set data.mode and data.workers as that run did")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
@@ -290,7 +290,8 @@ def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path)
     if differ:
         a, b = flat_config(saved), flat_config(current)
         detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:5])
-        raise ValueError(f"resume: {path} was trained with a different config ({detail})")
+        raise config.ConfigError(f"resume: {path} was trained with a different config ({detail}); resume with "
+                                 "its config, or choose another out to start a new run")
 
 
 def _lanes(data, world_size: int) -> int:
