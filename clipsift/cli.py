@@ -7,16 +7,43 @@ only knows their names and one-line help, and imports a command's module when it
     CONFIG: the config dataclass          GROUP: the configs/<group>/ folder of its presets
     HELP:   a paragraph for --help        main(cfg, args) -> int | None: does the work
     add_arguments(parser) (optional):     extra flags, read back through `cfg` or `args`
+
+Errors: a command raises; it never prints its own errors. An exception of USER_ERRORS (bad input,
+config or folder) or a missing/unreadable file is printed here as ONE line,
+`clipsift <command>: error: <file or key>: <what is wrong and what to do>`, with exit code 2;
+`clipsift --debug <command> ...` shows its traceback instead. Anything else is a bug and keeps its
+traceback. `python -m clipsift` and the `clipsift` script both come through main().
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from typing import Any
 
-from clipsift import config
+from clipsift import config, runlog
 from clipsift.runtime import keep_freed_memory
+
+# Exceptions that mean "fix the input": one line, exit 2. Named by import path, so checking one
+# imports nothing (a class whose module was never imported cannot have been raised).
+USER_ERRORS = (
+    "clipsift.config.ConfigError",
+    "clipsift.formats.FormatError",
+    "clipsift.runlog.LockError",
+    "clipsift.pipeline.output.OutputError",
+    "clipsift.pipeline.encoders.PlanError",
+    "clipsift.pipeline.heads.HeadError",
+    "clipsift.pipeline.raysession.ResourceError",
+    "clipsift.filters.base.FilterError",
+    "clipsift.filters.reshard.ReshardError",
+    "clipsift.eval.models.ModelError",
+    "clipsift.eval.tasks.TaskError",
+    "clipsift.training.checkpoint.CheckpointError",
+)
+# OSErrors that are about the user's paths (a full disk or a bug's bad path are not listed).
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 # name -> (module, one-line summary). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,13 +62,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class UsageError(Exception):
+    """A command line argparse would reject (it would print usage and exit on its own)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through main's error path, not usage + exit
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="clipsift",
         description="DataComp-style data filtering for CLIP pretraining. Run `clipsift <command> --help`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="commands:\n" + "\n".join(f"  {n:<10} {h}" for n, (_, h) in COMMANDS.items()),
     )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (any position)")
     p.add_argument("command", choices=list(COMMANDS), metavar="command")
     return p
 
@@ -62,23 +99,61 @@ def resolve_config(cls: type, group: str, args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        _parser().parse_args(argv[:1] or ["--help"])
+    debug = "--debug" in argv  # global, in any position (no override or value is spelled so)
+    argv = [a for a in argv if a != "--debug"]
+    name = argv[0] if argv and argv[0] in COMMANDS else None
+    try:
+        if name is None:
+            _parser().parse_args(argv[:1] or ["--help"])
+            return 2
+        return _run(name, argv[1:])
+    except Exception as e:
+        message = user_error_message(e)
+        if debug or message is None:
+            raise
+        print(f"{'clipsift ' + name if name else 'clipsift'}: error: {message}", file=sys.stderr)
         return 2
-    name, rest = argv[0], argv[1:]
+
+
+def _run(name: str, rest: list[str]) -> int:
     keep_freed_memory()
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"clipsift {name}", description=module.HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=f"clipsift {name}", description=module.HELP,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, module.GROUP)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     if hasattr(module, "add_arguments"):
         module.add_arguments(parser)
     args = parser.parse_args(rest)
-    try:
-        cfg = resolve_config(module.CONFIG, module.GROUP, args)
-    except config.ConfigError as e:
-        parser.error(str(e))
-    return int(module.main(cfg, args) or 0)
+    cfg = resolve_config(module.CONFIG, module.GROUP, args)
+    out = getattr(cfg, "out", "")
+    # one run per output (torchrun's other ranks run inside rank 0's)
+    lock = runlog.output_lock(out) if out and os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with lock:
+        return int(module.main(cfg, args) or 0)
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message of a user error, or None for an exception that is a bug."""
+    ray_errors = _loaded(("ray.exceptions.RayTaskError",))
+    if ray_errors and isinstance(e, ray_errors[0]) and isinstance(e.cause, BaseException):
+        e = e.cause  # a worker's exception, as raised there (Ray's message holds a traceback)
+    if isinstance(e, _PATH_ERRORS):
+        text = f"{e.filename}: {e.strerror.lower()}" if e.filename and e.strerror else str(e)
+    elif isinstance(e, UsageError) or any(isinstance(e, cls) for cls in _loaded(USER_ERRORS)):
+        text = str(e)
+    else:
+        return None
+    return " ".join(text.split()) or type(e).__name__  # one line, whatever the message held
+
+
+def _loaded(paths: tuple[str, ...]) -> list[type]:
+    out = []
+    for path in paths:
+        module, _, cls = path.rpartition(".")
+        if module in sys.modules and hasattr(sys.modules[module], cls):
+            out.append(getattr(sys.modules[module], cls))
+    return out
 
 
 if __name__ == "__main__":

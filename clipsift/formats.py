@@ -3,7 +3,8 @@
 - uids: 32-char lowercase hex (128 bit). Subset files hold them as np.dtype("u8,u8"), sorted,
   f0 = int(uid[:16], 16), f1 = int(uid[16:], 16); a repeated uid means "use it that many times".
 - shards: {shard:08d}.tar with <key>.jpg/.txt/.json members, {shard:08d}_stats.json and
-  {shard:08d}.parquet (status table); the key is 12 digits, shard * 10**4 + row.
+  {shard:08d}.parquet (status table); the key is 12 digits, shard * 10**4 + row. Readers take any
+  number of digits (img2dataset's default is {shard:05d}) and the <stem>_stats.json beside each.
 - metadata: one parquet per chunk with METADATA_COLUMNS (+ score columns) and a row-aligned .npz
   of float16 embeddings with the same stem.
 """
@@ -18,6 +19,8 @@ import pyarrow as pa
 
 SUBSET_DTYPE = np.dtype("u8,u8")
 SAMPLES_PER_SHARD = 10_000
+# Whole-string only: Python's `$` also matches before a final "\n", so match() would let "<uid>\n"
+# through; is_uid uses fullmatch. (pyarrow's RE2 reads `$` as the very end, as intended.)
 _UID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 # The DataComp pool metadata columns (scores are added by the pipeline).
@@ -42,7 +45,22 @@ class FormatError(ValueError):
 
 # ---------------------------------------------------------------- uids
 def is_uid(uid: str) -> bool:
-    return isinstance(uid, str) and _UID_RE.match(uid) is not None
+    return isinstance(uid, str) and _UID_RE.fullmatch(uid) is not None
+
+
+def check_uid_column(path: str | Path, uids: pa.ChunkedArray | pa.Array) -> None:
+    """A FormatError naming the file and row of the first value of a uid column that is not a uid
+    (checked in Arrow, no Python loop)."""
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_string(uids.type) or pa.types.is_large_string(uids.type)):
+        raise FormatError(f"{path}: uid is a {uids.type} column; DataComp uids are 32-character lowercase hex "
+                          "strings (an integer uid u is f'{u:032x}')")
+    ok = pc.fill_null(pc.match_substring_regex(uids, _UID_RE.pattern), False)
+    if not pc.all(ok).as_py():
+        row = pc.index(ok, False).as_py()
+        raise FormatError(f"{path}: row {row}: uid {uids[row].as_py()!r} is not 32 lowercase hex characters; "
+                          "fix the metadata (DataComp uids are 128-bit hex)")
 
 
 def random_uids(rng: np.random.Generator, n: int) -> list[str]:
@@ -66,8 +84,8 @@ def uids_to_u8u8(uids: Iterable[str]) -> np.ndarray:
         raw = bytes.fromhex(joined) if len(joined) == 32 * len(arr) and joined == joined.lower() else None
     except ValueError:
         raw = None
-    if raw is None:  # find and name the first bad uid
-        i = next(i for i, u in enumerate(arr) if not is_uid(u))
+    if raw is None:  # name the first bad uid (a default: a StopIteration here would end a caller's iterator)
+        i = next((i for i, u in enumerate(arr) if not is_uid(u)), 0)
         raise FormatError(f"uid #{i} {arr[i]!r} is not 32 lowercase hex characters")
     words = np.frombuffer(raw, dtype=">u8").reshape(-1, 2)
     out["f0"], out["f1"] = words[:, 0], words[:, 1]
@@ -172,14 +190,27 @@ def sample_key(shard: int, row: int) -> str:
     return f"{shard:08d}{row:04d}"
 
 
+def stats_path(tar: str | Path) -> Path:
+    """The _stats.json img2dataset writes beside shard `tar`, for any shard name: 00000012.tar ->
+    00000012_stats.json, and 00012.tar -> 00012_stats.json (img2dataset's default oom_shard_count=5)."""
+    tar = Path(tar)
+    return tar.with_name(f"{tar.stem}_stats.json")
+
+
 def shard_index(path: str | Path) -> int:
-    """00000012.tar -> 12, with a clear error for names outside the convention."""
+    """00000012.tar (or 00012.tar) -> 12, with a clear error for names outside the convention."""
     stem = Path(path).name.split(".")[0]
     if not stem.isdigit():
-        raise FormatError(f"{path}: shard names are {{:08d}}.tar")
+        raise FormatError(f"{path}: shard names are digits, {{:08d}}.tar or img2dataset's {{:05d}}.tar")
     return int(stem)
 
 
 def list_shards(folder: str | Path) -> list[Path]:
-    shards = sorted(p for p in Path(folder).glob("*.tar") if p.stem.isdigit())
+    """The shards of a folder, named by digits of any width (img2dataset writes as many as its
+    oom_shard_count, 5 by default), in index order. Two names of one index (00012.tar and
+    00000012.tar) are an error: which one is meant cannot be told."""
+    shards = sorted((p for p in Path(folder).glob("*.tar") if p.stem.isdigit()), key=lambda p: (int(p.stem), p.name))
+    for a, b in zip(shards, shards[1:]):
+        if int(a.stem) == int(b.stem):
+            raise FormatError(f"{a.parent}: {a.name} and {b.name} are both shard {int(a.stem)}; keep one of them")
     return shards

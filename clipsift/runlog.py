@@ -2,12 +2,14 @@
 
 A stage owns a run directory. It writes its resolved config there (config.yaml), counts what it
 kept and dropped by reason (Counts), times its steps (Timer), and finishes with stats.json.
-Files are written to a temporary name and renamed, so a file that exists is complete.
+Files are written to a temporary name and renamed, so a file that exists is complete. One run at
+a time writes an output: output_lock.
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -42,6 +44,47 @@ def write_json(path: str | Path, obj: Any) -> None:
 def read_json(path: str | Path) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+class LockError(RuntimeError):
+    """An output that another running clipsift command is writing."""
+
+
+@contextmanager
+def output_lock(target: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on the output `target` (a folder or a file) for the block.
+
+    The lock is an flock on a sibling file .<name>.lock (outside the output, so output folders hold
+    only outputs) that names its holder. The kernel releases an flock when its holder exits, however
+    it exits, so the lock of a killed run is simply taken by the next run and a rerun resumes; a
+    second run while the first is alive gets a LockError naming the first one's pid.
+    """
+    import fcntl
+
+    target = Path(target).resolve()
+    path = target.parent / f".{target.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockError(f"{target}: another clipsift run is writing it ({_lock_holder(fd)}); wait for it "
+                            "to finish or choose another out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(fd: int) -> str:
+    for _ in range(20):  # the holder writes its pid just after taking the lock
+        text = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+        if text:
+            return text
+        time.sleep(0.05)
+    return "pid unknown"
 
 
 @contextmanager

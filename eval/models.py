@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -135,9 +136,16 @@ def load_model(arch: str, pretrained: str = "", device: str | torch.device = "cp
     hub = source.startswith(("hf-hub:", "local-dir:"))
     name = source if hub else arch
     ensure_arch(name)
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=None if hub else (source or None), device=device
-    )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None if hub else (source or None), device=device
+        )
+    except (RuntimeError, AssertionError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:  # load errors
+        if hub or not Path(source).is_file() or isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        from clipsift.training.checkpoint import explain_load_failure
+
+        raise explain_load_failure(source, arch, e) from None
     model.eval()
     return LoadedModel(model, preprocess, tokenizer(name))
 

@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipsift import config, formats
-from clipsift.filters.base import Context, FilterError, FilterSpec, build, run_filters
+from clipsift.config import Count
+from clipsift.filters.base import Context, FilterSpec, build, run_filters
 from clipsift.filters.baselines import load_concepts
 from clipsift.filters.lang import LangConfig, Languages
 from clipsift.filters.pool import MetadataPool
@@ -51,7 +52,7 @@ class FilterRunConfig:
     lang: LangConfig = field(default_factory=LangConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     seed: int = 0
-    batch_size: int = 65536
+    batch_size: Count = 65536
 
 
 CONFIG = FilterRunConfig
@@ -93,9 +94,5 @@ def run(cfg: FilterRunConfig, log=print) -> dict:
 
 
 def main(cfg: FilterRunConfig, args: argparse.Namespace) -> int:
-    try:
-        run(cfg)
-    except (config.ConfigError, FilterError, formats.FormatError) as e:
-        print(f"error: {e}")
-        return 1
+    run(cfg)  # bad input raises; clipsift.cli prints it as one line
     return 0

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
+from clipsift import formats
 from clipsift.filters.base import Batch, FilterError
 
 
@@ -40,6 +41,7 @@ class MetadataPool:
             missing = columns - set(table.column_names)
             if missing:
                 raise FilterError(f"{path}: missing column(s) {sorted(missing)}; it has {sorted(_names(path))}")
+            formats.check_uid_column(path, table.column("uid"))  # a bad uid could never be in a subset file
             cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns}
             embs = self._embeddings(path, embeddings, n)
             for start in range(0, n, batch_size):

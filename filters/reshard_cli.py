@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipsift.filters.reshard import ReshardConfig, ReshardError, reshard
+from clipsift.filters.reshard import ReshardConfig, reshard
 
 GROUP = "reshard"
 HELP = __doc__
@@ -20,9 +20,5 @@ CONFIG = ReshardConfig
 
 
 def main(cfg: ReshardConfig, args: argparse.Namespace) -> int:
-    try:
-        reshard(cfg)
-    except ReshardError as e:
-        print(f"error: {e}")
-        return 1
+    reshard(cfg)  # bad input raises ReshardError; clipsift.cli prints it as one line
     return 0

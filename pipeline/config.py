@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from clipsift.config import Count, Natural, NonNegative, Positive
 from clipsift.eval.models import ModelSpec
 from clipsift.pipeline.heads import HeadSpec
 
@@ -23,23 +24,23 @@ class RayConfig:
     """Where the pipeline runs and how it shares the machine."""
 
     address: str = ""  # a Ray cluster ("auto", "ray://host:10001"); "" = $RAY_ADDRESS, else a local Ray
-    num_cpus: int = 0  # local Ray only: CPUs to use (0 = every core of this machine)
-    model_actors: int = 0  # model-stage actors (0 = actors_per_gpu per GPU, or one on a CPU-only cluster)
+    num_cpus: Natural = 0  # local Ray only: CPUs to use (0 = every core of this machine)
+    model_actors: Natural = 0  # model-stage actors (0 = actors_per_gpu per GPU, or one on a CPU-only cluster)
     # model actors sharing each GPU (each gets 1/N of it and its own copy of the models): where the
     # actor's host-side work (nvJPEG's CPU part, Python, launches) bounds a GPU, N actors overlap it
-    actors_per_gpu: int = 1
-    model_cpus: float = 1.0  # CPUs each model actor reserves; the rest decode (must leave some)
+    actors_per_gpu: Count = 1
+    model_cpus: NonNegative = 1.0  # CPUs each model actor reserves; the rest decode (must leave some)
     # torch threads of a CPU model actor (0 = every core of its node: the model is the CPU job's
     # bound, decoding costs a small share beside it, and the OS shares the cores)
-    model_threads: int = 0
-    read_cpus: float = 0.0  # CPUs each read task reserves (reading is light; see read_tasks)
+    model_threads: Natural = 0
+    read_cpus: NonNegative = 0.0  # CPUs each read task reserves (reading is light; see read_tasks)
     # Reading a tar costs ~5% of decoding its images: one read task keeps ~20 decode tasks busy. The
     # cap also bounds the CPUs Ray Data sets aside for reading (uncapped, about a third of the machine).
-    read_tasks: int = 0  # read tasks at most at once (0 = one per 8 CPUs, at least 2)
-    decode_cpus: float = 1.0  # CPUs each decode task reserves; decode tasks fill every CPU the rest leave
+    read_tasks: Natural = 0  # read tasks at most at once (0 = one per 8 CPUs, at least 2)
+    decode_cpus: Positive = 1.0  # CPUs each decode task reserves; decode tasks fill every CPU the rest leave
     # decode actors (0 = as many as the CPUs left fit; with image_decode=device, where they only
     # tokenise, as many as read tasks)
-    decode_actors: int = 0
+    decode_actors: Natural = 0
 
 
 @dataclass
@@ -49,17 +50,11 @@ class RunConfig:
     input: str = ""
     out: str = ""
     heads: dict[str, HeadSpec] = field(default_factory=dict)  # output column -> head, run in this order
-    batch_size: int = 256  # examples per model forward pass, and per decode chunk
+    batch_size: Count = 256  # examples per model forward pass, and per decode chunk
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when the cluster has GPUs
-    max_shards: int = 0  # stop after this many shards/files are written (0 = all); a partial run resumes
+    max_shards: Natural = 0  # stop after this many shards/files are written (0 = all); a partial run resumes
     progress: bool = True  # Ray's progress bars
     ray: RayConfig = field(default_factory=RayConfig)
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        if self.max_shards < 0:
-            raise ValueError("max_shards must be >= 0")
 
 
 def _world_models() -> dict[str, ModelSpec]:
@@ -98,7 +93,6 @@ class EmbedConfig(RunConfig):
     on_missing_stats: Literal["error", "process"] = "error"  # a shard without _stats.json may be incomplete
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not self.models:
             raise ValueError("models is empty: configure at least one embedding model")
         if self.max_image_pixels < 0:

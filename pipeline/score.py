@@ -7,6 +7,12 @@ batch_size rows, and writes OUT/metadata/<stem>.parquet (the input's columns, sc
 or replaced) and OUT/metadata/<stem>.npz (hard-linked or copied, byte-identical), then the done
 marker. Resumable like shard mode: finished files are skipped.
 
+Every input file is checked before any work, from headers only (parquet schema and row count, npz
+member names, dtypes and shapes), so a bad 3rd file is one line naming it, not a Ray traceback:
+a uid column of 32-hex strings, the inputs the heads need, numeric and row-aligned. Rows whose
+inputs hold NaN or infinity get a NaN score and are counted (notes.nonfinite_inputs per file);
+sample and the filters skip NaN scores by reason.
+
 Heads read the float16 embeddings as float32 and shard mode computes its heads from the same
 float16-rounded values, so re-scoring the pipeline's own output reproduces its scores.
 """
@@ -15,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict
+import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +44,10 @@ def run_score(cfg: ScoreConfig, echo=print) -> dict[str, Any]:
     if not files:
         raise FileNotFoundError(f"input={cfg.input!r}: no metadata .parquet files there")
     if not cfg.heads:
-        raise ValueError("heads is empty: nothing to score")
+        raise config.ConfigError("heads: empty, nothing to score; configure at least one head")
     if src.resolve() == out.resolve() or src.resolve() == (out / "metadata").resolve():
-        raise ValueError(f"out={cfg.out} would overwrite the input; choose another folder")
-    available = inputs_of(files[0])
-    build_heads(cfg.heads, available)  # checks every head's inputs before any work starts
+        raise config.ConfigError(f"out: {cfg.out} would overwrite the input; choose another folder")
+    check_inputs(files, cfg.heads)
     fingerprint = score_fingerprint(cfg.heads, cfg.batch_size)
     stems = [f.stem for f in files]
     done_before = finished(out, files, fingerprint)
@@ -77,19 +83,92 @@ def run_score(cfg: ScoreConfig, echo=print) -> dict[str, Any]:
     run.update(shards_written=written, rows_written=rows, wall_s=round(wall, 3), rows_per_s=round(rows / wall, 1))
     stats = run_stats(out, stems, run)
     echo(summary_table(stats))
+    nonfinite = sum(m["notes"].get(NONFINITE, 0) for m in stats["shards"].values())
+    if nonfinite:
+        echo(f"score: {nonfinite} rows have NaN/inf inputs and a NaN score ({NONFINITE} per file in stats.json)")
     echo(f"score: scored {written} files ({rows} rows) in {wall:.1f} s; outputs in {out}")
     return stats
 
 
-def inputs_of(parquet: Path) -> list[str]:
-    """What heads may read from one metadata file: its npz arrays and its numeric columns."""
-    names = [f.name for f in pq.ParquetFile(parquet).schema_arrow
-             if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)]
-    npz = parquet.with_suffix(".npz")
-    if npz.is_file():
-        with np.load(npz, allow_pickle=False) as z:
-            names += list(z.files)
-    return names
+NONFINITE = "nonfinite_inputs"  # rows whose head inputs hold NaN or infinity (their score is NaN)
+
+
+@dataclass
+class MetadataHeader:
+    """What one metadata file offers, from its headers: rows and {input name: (shape, dtype)}."""
+
+    path: Path
+    rows: int
+    columns: dict[str, pa.DataType]
+    arrays: dict[str, tuple[tuple[int, ...], np.dtype]] | None  # None: no npz beside it
+
+    @classmethod
+    def read(cls, path: Path) -> "MetadataHeader":
+        try:
+            meta = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise formats.FormatError(f"{path}: not a parquet file ({e}); remove it from the input folder") from None
+        columns = {f.name: f.type for f in meta.schema_arrow}
+        if "uid" not in columns:
+            raise formats.FormatError(f"{path}: no uid column (DataComp metadata has a 32-hex uid string per row); "
+                                      f"it has {', '.join(columns) or 'no columns'}")
+        formats.check_uid_column(path, pa.array([], columns["uid"]))  # its type, from the schema alone
+        npz = path.with_suffix(".npz")
+        return cls(path, meta.metadata.num_rows, columns, _npz_header(npz) if npz.is_file() else None)
+
+    def available(self) -> set[str]:
+        """Inputs a head may read: numeric parquet columns and the npz's arrays (checked in check())."""
+        return {n for n, t in self.columns.items() if pa.types.is_floating(t) or pa.types.is_integer(t)} | \
+            set(self.arrays or {})
+
+    def check(self, needs: set[str]) -> None:
+        """Every input in `needs` is here, numeric and row-aligned."""
+        npz = self.path.with_suffix(".npz")
+        for name in sorted(needs):
+            if name in self.columns:
+                t = self.columns[name]
+                if not (pa.types.is_floating(t) or pa.types.is_integer(t)):
+                    raise formats.FormatError(f"{self.path}: column {name} is {t}, not numeric; heads need numbers")
+                continue
+            if self.arrays is None:
+                raise formats.FormatError(f"{npz}: missing, no npz beside {self.path.name}; heads need {sorted(needs)}")
+            if name not in self.arrays:
+                raise formats.FormatError(f"{npz}: no array {name}; it has {', '.join(sorted(self.arrays)) or 'none'}")
+            shape, dtype = self.arrays[name]
+            if dtype.kind not in "fiu":
+                raise formats.FormatError(f"{npz}: {name} holds {dtype} values, not numbers; embeddings are float "
+                                          "arrays (DataComp's are float16)")
+            if len(shape) != 2 or shape[0] != self.rows:
+                raise formats.FormatError(f"{npz}: {name} has shape {shape}; expected ({self.rows}, dim), row-aligned "
+                                          f"with {self.path.name}")
+
+
+def _npz_header(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{array name: (shape, dtype)} of an .npz, from each member's .npy header (no data read)."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                with zf.open(name) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version not in readers:
+                        raise ValueError(f"unsupported .npy version {version}")
+                    shape, _, dtype = readers[version](f)
+                out[name.removesuffix(".npy")] = (shape, dtype)
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise formats.FormatError(f"{path}: not an npz of arrays ({e}); replace it with the embeddings of "
+                                  f"{path.with_suffix('.parquet').name}") from None
+    return out
+
+
+def check_inputs(files: list[Path], specs: dict[str, HeadSpec]) -> None:
+    """Every file's headers against what the heads need, before any work (and before Ray starts)."""
+    headers = [MetadataHeader.read(f) for f in files]
+    heads = build_heads(specs, headers[0].available())  # checks that each head's inputs can exist
+    needs = {n for h in heads.values() for n in h.needs} - set(heads)
+    for header in headers:
+        header.check(needs)
 
 
 def score_fingerprint(heads: dict[str, HeadSpec], batch_size: int) -> str:
@@ -117,8 +196,10 @@ class ScoreFiles:
         t0 = time.perf_counter()
         table = pq.read_table(path)
         n = table.num_rows
+        formats.check_uid_column(path, table.column("uid"))
         if self.heads is None:
-            self.heads = {k: h.to(self.device) for k, h in build_heads(self.specs, inputs_of(path)).items()}
+            available = MetadataHeader.read(path).available()
+            self.heads = {k: h.to(self.device) for k, h in build_heads(self.specs, available).items()}
         needs = {name for h in self.heads.values() for name in h.needs} - set(self.heads)
         npz_path = path.with_suffix(".npz")
         arrays: dict[str, np.ndarray] = {}
@@ -136,6 +217,10 @@ class ScoreFiles:
         for k, a in arrays.items():
             if a.shape[0] != n:
                 raise formats.FormatError(f"{npz_path}: {k} has {a.shape[0]} rows, {path.name} has {n}")
+        finite = np.ones(n, bool)  # rows whose inputs are all finite
+        for a in arrays.values():
+            if n:
+                finite &= np.isfinite(a).reshape(n, -1).all(axis=1)
         scores: dict[str, list[np.ndarray]] = {c: [] for c in self.heads}
         t1 = time.perf_counter()
         with torch.no_grad():
@@ -146,13 +231,17 @@ class ScoreFiles:
                     scores[c].append(v.cpu().numpy().astype(np.float32))
         t2 = time.perf_counter()
         for c, parts in scores.items():
-            col = pa.array(np.concatenate(parts) if parts else np.zeros(0, np.float32), formats.SCORE_TYPE)
+            values = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+            values[~finite] = np.nan  # whatever a head made of NaN/inf inputs: counted below
+            col = pa.array(values, formats.SCORE_TYPE)
             if c in table.column_names:
                 table = table.set_column(table.column_names.index(c), pa.field(c, formats.SCORE_TYPE), col)
             else:
                 table = table.append_column(pa.field(c, formats.SCORE_TYPE), col)
         marker = {"fingerprint": self.fingerprint, "source": str(path), "source_bytes": path.stat().st_size,
-                  "rows_in": n, "rows_out": n, "skipped": {}, "notes": {},
+                  "rows_in": n, "rows_out": n, "skipped": {},
+                  "notes": {NONFINITE: int((~finite).sum())} if not finite.all() else {},
                   "timings": {"read": round(t1 - t0, 4), "model": round(t2 - t1, 4)}}
         write_outputs(self.out, path.stem, table, None, marker, npz_source=npz_path if npz_path.is_file() else None)
         return n
+

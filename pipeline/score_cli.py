@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from clipsift.pipeline.config import ScoreConfig
 
@@ -20,17 +19,9 @@ example: clipsift score -p default input=runs/pipeline/tiny/metadata out=runs/pi
 
 
 def main(cfg: ScoreConfig, args: argparse.Namespace) -> int:
-    from clipsift.formats import FormatError
-    from clipsift.pipeline.heads import HeadError
-    from clipsift.pipeline.output import OutputError
-    from clipsift.pipeline.raysession import ResourceError
     from clipsift.pipeline.score import run_score
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run_score(cfg)
-    except (FormatError, HeadError, OutputError, ResourceError, FileNotFoundError, ValueError) as e:
-        print(f"clipsift score: error: {e}", file=sys.stderr)
-        return 2
+    run_score(cfg)  # bad input raises; clipsift.cli prints it as one line
     return 0

@@ -61,5 +61,5 @@ def test_text_conversion_round_trip_and_bad_lines(tmp_path, capsys):
     assert cli.main(["subset", f"input={tmp_path / 's.npy'}"]) == 0
     assert "'unique_uids': 3" in capsys.readouterr().out
     (tmp_path / "bad.txt").write_text(UIDS[0] + "\n" + UIDS[2].upper() + "\n")
-    assert cli.main(["subset", "action=from_text", f"input={tmp_path / 'bad.txt'}", f"output={tmp_path / 'x.npy'}"]) == 1
-    assert "bad.txt:2:" in capsys.readouterr().out and not (tmp_path / "x.npy").exists()
+    assert cli.main(["subset", "action=from_text", f"input={tmp_path / 'bad.txt'}", f"output={tmp_path / 'x.npy'}"]) == 2
+    assert "bad.txt:2:" in capsys.readouterr().err and not (tmp_path / "x.npy").exists()

@@ -56,8 +56,62 @@ def write_open_clip_dir(path: Path, arch: str) -> None:
         tmp.symlink_to(path.name)  # relative, so the run folder can move
 
 
-def load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is not a clipsift training checkpoint, or whose weights do
+    not fit the architecture asked for."""
+
+
+# What a resume needs from a checkpoint (save() writes them all).
+RESUME_KEYS = ("state_dict", "optimizer", "step", "config", "rng", "data_state", "log", "train_seconds")
+
+
+def load(path: Path, resume: bool = False) -> dict[str, Any]:
+    """A checkpoint's contents, or a CheckpointError naming the file (torch says "PytorchStreamReader
+    failed ...", "KeyError: 101" or "Weights only load failed" for a truncated or foreign file).
+    With `resume`, also checks that it holds what a resume needs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # missing or unreadable: the path is the problem, and the error names it
+    except Exception as e:  # every way torch fails to parse a file
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or another kind of file "
+                              f"({_first_line(e)}); copy it again, or delete it to start over") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict")
+    missing = [k for k in RESUME_KEYS if k not in state] if resume else []
+    if missing:
+        raise CheckpointError(f"{path}: not a clipsift training checkpoint (no {', '.join(missing)}); resume "
+                              "from the epoch_latest.pt of a `clipsift train` run")
+    return state
+
+
+def explain_load_failure(path: str | Path, arch: str, error: Exception) -> CheckpointError:
+    """Why open_clip could not load checkpoint `path` into `arch`: the file is unreadable (load's
+    error), or its weights belong to another architecture ("pos_embed width changed!", size mismatches)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            return CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)}); copy it again")
+        trained_as = ""
+    else:
+        try:
+            trained_as = load(path).get("name", "")
+        except CheckpointError as e:
+            return e
+    hint = f"it was trained as {trained_as!r}" if isinstance(trained_as, str) and trained_as else \
+        "pass the architecture it was trained with"
+    return CheckpointError(f"{path}: its weights do not fit architecture {arch!r} ({_first_line(error)}); {hint}")
+
+
+def _first_line(e: BaseException) -> str:
+    """The exception's first sentence: torch's load errors go on for a paragraph."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text.split('. ')[0][:160]}".rstrip(": ")
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> None:

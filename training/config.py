@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from clipsift.config import Count, Fraction, Natural, NonNegative, Positive
+
 
 @dataclass
 class DataConfig:
@@ -18,9 +20,9 @@ class DataConfig:
     # small worlds). stream: decode in DataLoader workers while training (large data).
     # auto: memory when the decoded samples fit in memory_limit_gb.
     mode: Literal["auto", "memory", "stream"] = "auto"
-    memory_limit_gb: float = 4.0
-    workers: int = 2  # DataLoader decode processes (0: decode in the training process)
-    shuffle_buffer: int = 4096  # stream mode: samples mixed across shards in each worker
+    memory_limit_gb: NonNegative = 4.0
+    workers: Natural = 2  # DataLoader decode processes (0: decode in the training process)
+    shuffle_buffer: Count = 4096  # stream mode: samples mixed across shards in each worker
     # memory mode: a folder that keeps each shard decoded (<stem>-<px>px.npz), so runs over the
     # same shards with other subsets skip decoding (compare sets it; "" = decode every run)
     decode_cache: str = ""
@@ -37,19 +39,19 @@ class TrainConfig:
     seed: int = 0  # model init and data order
     data: DataConfig = field(default_factory=DataConfig)
     # Fixed compute: these define a scale and must not change between strategies.
-    samples_seen: int = 25_600  # steps = samples_seen // batch_size
-    batch_size: int = 128  # global batch (split evenly over DDP ranks)
-    lr: float = 2e-3
-    warmup: int = 20  # linear warmup steps, then cosine decay to 0
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    wd: float = 0.2  # on >=2-D weights only
-    grad_clip_norm: float | None = None
+    samples_seen: Count = 25_600  # steps = samples_seen // batch_size
+    batch_size: Count = 128  # global batch (split evenly over DDP ranks)
+    lr: Positive = 2e-3
+    warmup: Natural = 20  # linear warmup steps, then cosine decay to 0
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.98
+    eps: Positive = 1e-6
+    wd: NonNegative = 0.2  # on >=2-D weights only
+    grad_clip_norm: Positive | None = None
     # Execution: these do not change what is learned (up to floating point).
     device: str = "auto"  # auto: cuda when available, else cpu
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
-    threads: int | None = None  # torch CPU threads per process (None: cores / local processes; 1 on a busy machine)
+    threads: Count | None = None  # torch CPU threads per process (None: cores / local processes; 1 on a busy machine)
     # ResNet towers' batch norm. global: statistics over the global batch by one explicit formula
     # for 1 or N processes (GlobalBatchNorm2d: N ranks match one process; ~25% slower on CPU).
     # local: torch's BatchNorm2d, per-rank statistics under DDP (open_clip without --use-bn-sync).
@@ -59,13 +61,13 @@ class TrainConfig:
     # kernels); reduce-overhead (fused kernels replayed as CUDA graphs: small models' steps are
     # bound by kernel launches). The first steps compile (tens of seconds).
     compile: Literal["off", "default", "reduce-overhead"] = "off"
-    checkpoint_every: int = 100  # steps between atomic checkpoints (and always at the end)
+    checkpoint_every: Count = 100  # steps between atomic checkpoints (and always at the end)
     resume: str | None = None  # "latest" (<out>/checkpoints/epoch_latest.pt) or a checkpoint path
     # weights to start from (a checkpoint or a run folder of the same architecture): fine-tuning;
     # the optimiser, schedule and data order start fresh. "" = random init from `seed`
     init: str = ""
-    stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps: a planned interruption
-    log_every: int = 10
+    stop_after_steps: Natural | None = None  # stop (with a checkpoint) after this many steps: a planned interruption
+    log_every: Count = 10
     progress: bool = True  # tqdm bar on stderr
 
 
