@@ -179,3 +179,48 @@ def test_dfn_score_head_matches_the_fine_tuned_models_cosine(dfn_world):
         v = loaded.model.encode_text(loaded.tokenizer([s.text for s in samples]))
     want = torch.nn.functional.cosine_similarity(u, v, dim=-1).numpy()
     np.testing.assert_allclose(scores["clip_dfn_similarity_score"], want, atol=2e-3)
+
+
+def test_logistic_fit_matches_the_stationary_point_by_hand():
+    """x = ±1 with labels 1/0: b = 0 by symmetry and w solves σ(-w) = l2·w (bisection here)."""
+    from clipsift.filters.linear_classifier import fit_logistic
+
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 1 / (1 + math.exp(mid)) > 0.1 * mid else (lo, mid)
+    w, b, report = fit_logistic(np.array([[1.0], [-1.0]], np.float32), np.array([1.0, 0.0], np.float32), 0.1, 100)
+    assert abs(w[0] - lo) < 1e-6 and abs(b) < 1e-6 and report["train_accuracy"] == 1.0
+
+
+def test_linear_classifier_scores_rows_like_the_high_quality_set_higher(tmp_path):
+    """Positives and half the pool come from one distribution, the other half of the pool from a
+    shifted one: the classifier's logit must rank the first half above the second."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipsift.pipeline.output import write_npz
+
+    rng = np.random.default_rng(0)
+    dim, n, shift = 8, 400, np.eye(8)[0] * 1.5
+
+    def pairs(m, off):
+        img = rng.normal(size=(m, dim)) + off
+        return img.astype(np.float16), (img + rng.normal(size=(m, dim))).astype(np.float16)
+
+    hq = tmp_path / "hq"
+    hq.mkdir()
+    img, txt = pairs(200, shift)
+    pq.write_table(pa.table({"uid": [f"{i:032x}" for i in range(200)]}), hq / "00000000.parquet")
+    write_npz(hq / "00000000.npz", {"b32_img": img, "b32_txt": txt})
+    (ai, at), (bi, bt) = pairs(n // 2, shift), pairs(n // 2, -shift)
+    pool = ArrayPool({"uid": np.array([f"{i:032x}" for i in range(n)])},
+                     {"b32_img": np.concatenate([ai, bi]), "b32_txt": np.concatenate([at, bt])})
+    ctx = Context(seed=0, batch_size=128, log=lambda *_: None)
+    tree = build(FilterSpec(kind="linear_classifier", args={"model": "b32", "positives": str(hq)}), ctx)
+    res = run_filters(tree, pool, 128)
+    s = res.scores["linear_classifier"]
+    assert s.shape == (n,) and (s[: n // 2, None] > s[None, n // 2:]).mean() > 0.9  # AUC
+    assert res.fits["linear_classifier"]["negatives"] == 200
+    with pytest.raises(ConfigError, match="positives"):
+        build(FilterSpec(kind="linear_classifier", args={"model": "b32"}), ctx)
