@@ -330,10 +330,10 @@ def describe_error(e: Exception) -> str:
     return re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", f"{type(e).__name__}: {e}")[:200]
 
 
-def read_stats(folder: str | Path, shard: int) -> dict[str, Any] | None:
-    """A shard's _stats.json (None when there is none); a FormatError naming the file when it is not
-    img2dataset's object of counts."""
-    path = Path(folder) / formats.stats_name(shard)
+def read_stats(tar: str | Path) -> dict[str, Any] | None:
+    """The _stats.json beside shard `tar` (formats.stats_path: <stem>_stats.json for any shard name),
+    None when there is none; a FormatError naming the file when it is not img2dataset's object of counts."""
+    path = formats.stats_path(tar)
     if not path.is_file():
         return None
     try:
@@ -353,6 +353,27 @@ def read_stats(folder: str | Path, shard: int) -> dict[str, Any] | None:
 
 # The counts of an img2dataset _stats.json that clipsift reads.
 STATS_COUNTS = ("count", "successes", "failed_to_download", "failed_to_resize")
+# Samples img2dataset could not fetch or resize: never in the tar, so only its stats know them.
+DOWNLOAD_FAILURES = ("failed_to_download", "failed_to_resize")
+
+
+def download_failures(stats: dict[str, Any] | None) -> dict[str, int]:
+    """A shard's img2dataset failure counts, to carry into clipsift's own stats ({} without stats)."""
+    return {k: stats.get(k, 0) for k in DOWNLOAD_FAILURES} if stats is not None else {}
+
+
+SIZES_FILE = "sizes.json"
+
+
+def write_sizes_json(folder: str | Path) -> dict[str, int]:
+    """sizes.json, {shard file name: samples}, which open_clip_train's loader reads for a folder's
+    sample count. A sample is what that loader keeps: a key with a caption and an image."""
+    sizes = {}
+    for tar in formats.list_shards(folder):
+        sizes[tar.name] = sum(1 for g in iter_groups(tar) if not isinstance(g, Skip)
+                              and "txt" in g[1] and any(e in g[1] for e in IMAGE_EXTS))
+    write_json(Path(folder) / SIZES_FILE, sizes)
+    return sizes
 
 
 def _dump_json(meta: dict[str, Any]) -> bytes:

@@ -39,7 +39,7 @@ def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
     shard_paths = formats.list_shards(cfg.input) if Path(cfg.input).is_dir() else []
     if not shard_paths:
         raise FileNotFoundError(f"input={cfg.input!r}: no {{:08d}}.tar shards there")
-    expected = expected_rows(shard_paths, cfg.on_missing_stats)
+    source_stats = read_source_stats(shard_paths, cfg.on_missing_stats)
     plan = make_plan(cfg.models, cfg.heads, batch_size=cfg.batch_size, normalize=cfg.normalize,
                      precision=cfg.precision, seed=cfg.seed, allow_random_weights=cfg.allow_random_weights,
                      jpeg_draft=cfg.jpeg_draft, image_decode=cfg.image_decode, max_image_pixels=cfg.max_image_pixels)
@@ -66,7 +66,7 @@ def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
             for shard, chunk_rows in assembled_shards(ds):
                 chunk_timings.extend({k: r[k] for k in CHUNK_TIMINGS} for r in chunk_rows)
                 path = pending[shard]
-                rows += write_shard(out, path, chunk_rows, plan, fingerprint, expected[path.stem])
+                rows += write_shard(out, path, chunk_rows, plan, fingerprint, source_stats[path.stem])
                 written.append(path.stem)
                 timeline.append((round(time.perf_counter() - t_start, 3), rows))
                 if cfg.max_shards and len(written) >= cfg.max_shards:
@@ -80,6 +80,10 @@ def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
         run.update(stage_profile(chunk_timings, run["stages"], epoch_start, wall))
     stats = run_stats(out, stems, run)
     echo(summary_table(stats))
+    failed = stats["totals"].get("download_failures", {})
+    if any(failed.values()):
+        echo("embed: img2dataset could not fetch these samples (not in the shards; from their _stats.json): "
+             + ", ".join(f"{k}={n}" for k, n in failed.items()))
     echo(f"embed: wrote {len(written)} shards ({rows} rows) in {run['wall_s']:.1f} s; "
          f"{stats['shards_done']}/{len(stems)} shards done; outputs in {out}")
     return stats
@@ -150,23 +154,16 @@ def write_ray_stats(out: Path, ds) -> None:
     atomic_write_text(out / "ray_stats.txt", text + "\n")
 
 
-def expected_rows(shard_paths: list[Path], on_missing: str) -> dict[str, int | None]:
-    """successes from each shard's _stats.json; a missing file is an error unless on_missing=process."""
-    expected: dict[str, int | None] = {}
-    missing = []
-    for path in shard_paths:
-        stats = shards.read_stats(path.parent, formats.shard_index(path))  # names a malformed file itself
-        if stats is None:
-            missing.append(path.name)
-            expected[path.stem] = None
-        else:
-            expected[path.stem] = int(stats.get("successes", stats.get("count", 0)))
+def read_source_stats(shard_paths: list[Path], on_missing: str) -> dict[str, dict[str, Any] | None]:
+    """Each shard's _stats.json (None where missing); a missing file is an error unless on_missing=process."""
+    found = {path.stem: shards.read_stats(path) for path in shard_paths}  # names a malformed file itself
+    missing = [path.name for path in shard_paths if found[path.stem] is None]
     if missing and on_missing == "error":
         raise formats.FormatError(
             f"{len(missing)} shard(s) have no _stats.json ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}). "
             f"img2dataset writes it when a shard is finished, so these may be cut short and the loss would go "
             f"unnoticed. Re-download them, or set on_missing_stats=process to embed what they hold.")
-    return expected
+    return found
 
 
 def build_dataset(pending: list[Path], plan: Plan, sp: StagePlan):
@@ -293,8 +290,10 @@ def assembled_shards(ds) -> Iterator[tuple[int, list[dict[str, Any]]]]:
 
 
 def write_shard(out: Path, path: Path, rows: list[dict[str, Any]], plan: Plan, fingerprint: str,
-                expected: int | None) -> int:
-    """Concatenate a shard's chunks in order and write parquet + npz + done marker."""
+                source_stats: dict[str, Any] | None) -> int:
+    """Concatenate a shard's chunks in order and write parquet + npz + done marker (with img2dataset's
+    own counts: successes to check the tar against, failures it never wrote into the tar)."""
+    expected = None if source_stats is None else int(source_stats.get("successes", source_stats.get("count", 0)))
     counts, skips = Counts(), []
     notes: dict[str, int] = {}
     for row in rows:
@@ -322,6 +321,7 @@ def write_shard(out: Path, path: Path, rows: list[dict[str, Any]], plan: Plan, f
     c = counts.as_dict()
     marker = {"fingerprint": fingerprint, "source": str(path), "source_bytes": path.stat().st_size,
               "rows_in": c["seen"], "rows_out": c["kept"], "skipped": c["dropped"], "expected_rows": expected,
+              "download_failures": shards.download_failures(source_stats),
               "notes": dict(sorted(notes.items())), "skips": skips,
               "timings": {step: round(sum(r[f"{step}_s"] for r in rows), 4) for step in ("read", "decode", "model")}}
     write_outputs(out, path.stem, table, arrays, marker)

@@ -113,7 +113,7 @@ def write_outputs(out: Path, stem: str, table: pa.Table, arrays: dict[str, np.nd
 def run_stats(out: Path, stems: list[str], run: dict[str, Any]) -> dict[str, Any]:
     """stats.json: per-shard counts and timings from the markers (earlier runs included), totals, this run."""
     per_shard: dict[str, Any] = {}
-    totals = {"rows_in": 0, "rows_out": 0, "skipped": {}}
+    totals: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "skipped": {}, "download_failures": {}}
     timings: dict[str, float] = {}
     for stem in stems:
         path = done_path(out, stem)
@@ -121,13 +121,18 @@ def run_stats(out: Path, stems: list[str], run: dict[str, Any]) -> dict[str, Any
             continue
         m = read_json(path)
         per_shard[stem] = {k: m[k] for k in ("source", "rows_in", "rows_out", "skipped", "notes", "timings")}
+        if "download_failures" in m:
+            per_shard[stem]["download_failures"] = m["download_failures"]
         totals["rows_in"] += m["rows_in"]
         totals["rows_out"] += m["rows_out"]
-        for reason, n in m["skipped"].items():
-            totals["skipped"][reason] = totals["skipped"].get(reason, 0) + n
+        for kind in ("skipped", "download_failures"):  # the second: img2dataset's, from the shard's _stats.json
+            for reason, n in m.get(kind, {}).items():
+                totals[kind][reason] = totals[kind].get(reason, 0) + n
         for step, s in m["timings"].items():
             timings[step] = round(timings.get(step, 0.0) + s, 4)
     totals["skipped"] = dict(sorted(totals["skipped"].items()))
+    if not totals["download_failures"]:  # metadata mode, or shards without _stats.json
+        del totals["download_failures"]
     stats = {"shards_done": len(per_shard), "shards_total": len(stems), "totals": totals,
              "shard_timings_s": timings, "run": run, "shards": per_shard}
     write_json(Path(out) / "stats.json", stats)

@@ -664,3 +664,35 @@ def test_images_over_the_pixel_limit_are_skipped_or_decoded_reduced(models, tmp_
     rows = [decode_chunk(t, plan).to_pylist()[0] for t in read_chunks(str(tar), 0, 8)]
     assert [r for row in rows for r in row["reasons"]] == ["", shards.IMAGE_TOO_LARGE, ""]
     assert sum(len(row["uid"]) for row in rows) == 2
+
+
+# ---------------------------------------------------------------- img2dataset's shard names (issue 22, item 9)
+def test_img2dataset_default_names_embed_the_same_and_carry_its_failure_counts(ci_world, embedded, tmp_path):
+    """img2dataset's default output (oom_shard_count=5): 00000.tar with 00000_stats.json. The same
+    samples give the same bytes as the world's 00000000.tar names; img2dataset's failure counts reach
+    clipsift's stats (per shard and in total) and the run's summary."""
+    from clipsift.pipeline.embed import run_embed
+
+    cfg, stats = embedded
+    src, folder = ci_world / "pool" / "shards", tmp_path / "i2d"
+    folder.mkdir()
+    world_stats = {}
+    for tar in formats.list_shards(src):
+        stem = f"{formats.shard_index(tar):05d}"
+        shutil.copy(tar, folder / f"{stem}.tar")
+        own = json.loads(formats.stats_path(tar).read_text())  # as img2dataset counts a real download
+        own.update(failed_to_download=7 + int(stem), failed_to_resize=int(stem))
+        own["count"] = own["successes"] + own["failed_to_download"] + own["failed_to_resize"]
+        (folder / f"{stem}_stats.json").write_text(json.dumps(own))
+        world_stats[stem] = own
+    lines: list[str] = []
+    got = run_embed(embed_config(folder, tmp_path / "out", cfg.models), echo=lines.append)
+    assert sorted(got["shards"]) == ["00000", "00001", "00002"]
+    for stem in got["shards"]:
+        for suffix in (".parquet", ".npz"):
+            assert (tmp_path / "out" / "metadata" / f"{stem}{suffix}").read_bytes() == \
+                (Path(cfg.out) / "metadata" / f"000{stem}{suffix}").read_bytes()
+        assert got["shards"][stem]["download_failures"] == {
+            k: world_stats[stem][k] for k in ("failed_to_download", "failed_to_resize")}
+    assert got["totals"]["download_failures"] == {"failed_to_download": 7 + 8 + 9, "failed_to_resize": 0 + 1 + 2}
+    assert any("failed_to_download=24, failed_to_resize=3" in line for line in lines)

@@ -99,3 +99,54 @@ def test_a_damaged_header_reads_the_same_both_ways(tmp_path):
     assert shards._plain_tar_index(path) is None
     fast, slow = _both(path)
     assert fast == slow and any(g[1] == shards.TRUNCATED_TAR for g in fast)
+
+
+# ---------------------------------------------------------------- img2dataset names, sizes.json (issue 22)
+def _img2dataset_folder(folder, digits: int = 5):
+    """Shards as img2dataset names them by default (oom_shard_count=5): 00000.tar, 00000_stats.json."""
+    import json
+
+    folder.mkdir()
+    for shard in range(2):
+        stem = f"{shard:0{digits}d}"
+        (folder / f"{stem}.tar").write_bytes(_tar_bytes(_members(3 + shard)))
+        (folder / f"{stem}_stats.json").write_text(json.dumps(
+            {"count": 10, "successes": 3 + shard, "failed_to_download": 6 - shard, "failed_to_resize": 1 + shard,
+             "status_dict": {"success": 3 + shard}}))
+    return folder
+
+
+def test_stats_are_read_beside_any_shard_name(tmp_path):
+    from clipsift import formats
+
+    folder = _img2dataset_folder(tmp_path / "i2d")
+    tars = formats.list_shards(folder)
+    assert [p.name for p in tars] == ["00000.tar", "00001.tar"]
+    assert [formats.shard_index(p) for p in tars] == [0, 1]
+    assert formats.stats_path(tars[1]) == folder / "00001_stats.json"
+    assert shards.read_stats(tars[1])["successes"] == 4
+    assert shards.download_failures(shards.read_stats(tars[1])) == {"failed_to_download": 5, "failed_to_resize": 2}
+    assert shards.download_failures(None) == {}
+    assert formats.stats_path(tmp_path / "00000012.tar").name == "00000012_stats.json"
+    (folder / "00001_stats.json").unlink()
+    assert shards.read_stats(tars[1]) is None
+    # one index under two names: which one is meant cannot be told
+    (folder / "00000000.tar").write_bytes((folder / "00000.tar").read_bytes())
+    with pytest.raises(formats.FormatError, match="00000.tar and 00000000.tar are both shard 0"):
+        formats.list_shards(folder)
+
+
+def test_sizes_json_counts_what_open_clip_train_loads(tmp_path):
+    import json
+
+    from open_clip_train.data import get_dataset_size
+
+    folder = _img2dataset_folder(tmp_path / "i2d", digits=8)
+    members = _members(4)
+    members = [m for m in members if m[0] != "000000001.txt"]  # a sample without a caption: not loaded
+    (folder / "00000002.tar").write_bytes(_tar_bytes(members))
+    sizes = shards.write_sizes_json(folder)
+    assert sizes == {"00000000.tar": 3, "00000001.tar": 4, "00000002.tar": 3}
+    assert json.loads((folder / shards.SIZES_FILE).read_text()) == sizes
+    # open_clip_train's loader takes brace-expanded shard lists and sums sizes.json over them
+    assert get_dataset_size(str(folder / "{00000000..00000002}.tar")) == (10, 3)

@@ -69,15 +69,15 @@ def find_shards(path: str | Path) -> list[Path]:
 
 
 def shards_without_stats(paths: list[Path]) -> list[str]:
-    """Shards lacking {:08d}_stats.json. DataComp's tools skip these silently; we read them and say so."""
-    return [p.name for p in paths if shards.read_stats(p.parent, formats.shard_index(p)) is None]
+    """Shards lacking their <stem>_stats.json. DataComp's tools skip these silently; we read them and say so."""
+    return [p.name for p in paths if shards.read_stats(p) is None]
 
 
 def estimated_samples(paths: list[Path]) -> int:
     """Samples in the shards per their _stats.json (a full shard assumed where it is missing)."""
     total = 0
     for p in paths:
-        stats = shards.read_stats(p.parent, formats.shard_index(p))
+        stats = shards.read_stats(p)
         total += int(stats.get("successes", stats.get("count", 0))) if stats else formats.SAMPLES_PER_SHARD
     return total
 
