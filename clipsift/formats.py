@@ -79,7 +79,10 @@ def uids_to_u8u8(uids: Iterable[str]) -> np.ndarray:
     out = np.empty(len(arr), dtype=SUBSET_DTYPE)
     if not len(arr):
         return out
-    joined = "".join(u if isinstance(u, str) else "?" for u in arr)
+    try:
+        joined = "".join(arr.tolist())
+    except TypeError:  # not all str: the bad one is named below
+        joined = ""
     try:
         raw = bytes.fromhex(joined) if len(joined) == 32 * len(arr) and joined == joined.lower() else None
     except ValueError:
@@ -99,11 +102,25 @@ def u8u8_to_uids(arr: np.ndarray) -> list[str]:
     return [hexed[32 * i : 32 * (i + 1)] for i in range(len(arr))]
 
 
+def sort_subset(arr: np.ndarray) -> np.ndarray:
+    """np.sort(arr, order=["f0", "f1"]) in a fraction of its time: sort by f0, then order by f1 only
+    the runs that share an f0 (repeats, or the rare uids equal in their upper 64 bits)."""
+    order = np.argsort(arr["f0"])
+    out = arr[order]
+    f0 = out["f0"]
+    same = np.flatnonzero(f0[1:] == f0[:-1])
+    if same.size:
+        pos = np.union1d(same, same + 1)  # every member of every run, in place order
+        part = out[pos]
+        out[pos] = part[np.lexsort((part["f1"], part["f0"]))]
+    return out
+
+
 def write_subset(path: str | Path, uids: Iterable[str]) -> np.ndarray:
     """Write a DataComp subset file: sorted u8,u8 uids, repeats kept. Returns the array."""
     from clipsift.runlog import atomic_path
 
-    arr = np.sort(uids_to_u8u8(uids), order=["f0", "f1"])
+    arr = sort_subset(uids_to_u8u8(uids))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, arr)

@@ -16,6 +16,7 @@ config order, that rejected it).
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Protocol
@@ -86,6 +87,7 @@ class Verdict:
     keep: np.ndarray  # bool, one per row
     reason: np.ndarray  # str per row: why it was dropped, "" where kept
     score: np.ndarray | None = None  # float32 per row, for filters that compute a new score
+    dropped: dict[str, int] | None = None  # reason -> rows, when known without counting `reason`
 
     @classmethod
     def from_rules(cls, n: int, rules: list[tuple[str, Any]], score: np.ndarray | None = None) -> "Verdict":
@@ -96,13 +98,17 @@ class Verdict:
         """
         keep = np.ones(n, dtype=bool)
         reason = np.full(n, "", dtype=object)
+        dropped: dict[str, int] = {}
         for name, ok in rules:
             if callable(ok):
                 ok = ok(keep.copy())
             failed = keep & ~np.asarray(ok, dtype=bool)
-            reason[failed] = name
-            keep &= ~failed
-        return cls(keep, reason, score)
+            k = int(failed.sum())
+            if k:
+                reason[failed] = name
+                keep &= ~failed
+                dropped[name] = dropped.get(name, 0) + k
+        return cls(keep, reason, score, dropped)
 
 
 @dataclass
@@ -275,26 +281,36 @@ def run_filters(tree: Node, pool: Pool, batch_size: int = 65536) -> FilterResult
     score_parts: dict[str, list[np.ndarray]] = {}
     with timer("apply"):
         for batch in pool.batches(set(needs.columns), set(needs.embeddings), batch_size):
-            keep, reason = _evaluate(tree, batch, per_filter, score_parts)
-            _count(total, keep, reason)
+            keep, reason = _evaluate(tree, batch, per_filter, score_parts, top=tree.op == "leaf")
+            if tree.op != "leaf":
+                _count(total, keep, reason)
             keep_parts.append(keep)
             uids.extend(batch.column("uid")[keep].tolist())
+    if tree.op == "leaf":  # one rule: the tree's counts are the leaf's, under the leaf's name
+        leaf = per_filter[tree.name]
+        total.keep(leaf.kept)
+        for why, k in leaf.dropped.items():
+            total.drop(f"{tree.name}:{why}", k)
     keep_all = np.concatenate(keep_parts) if keep_parts else np.zeros(0, dtype=bool)
     scores = {k: np.concatenate(v) for k, v in score_parts.items()}
     return FilterResult(keep_all, uids, total, per_filter, fits, scores, timer)
 
 
 def _evaluate(node: Node, batch: Batch, per_filter: dict[str, Counts],
-              scores: dict[str, list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+              scores: dict[str, list[np.ndarray]], top: bool = False) -> tuple[np.ndarray, np.ndarray]:
     if node.op == "leaf":
         v = node.filter.apply(batch)  # type: ignore[union-attr]
         if v.keep.shape != (len(batch),) or v.keep.dtype != bool:
             raise FilterError(f"filter {node.name!r} returned a keep mask of shape {v.keep.shape} / {v.keep.dtype}")
-        _count(per_filter[node.name], v.keep, v.reason)
+        if v.dropped is not None:
+            per_filter[node.name].keep(int(v.keep.sum()))
+            for why, k in v.dropped.items():
+                per_filter[node.name].drop(why or "unspecified", k)
+        else:
+            _count(per_filter[node.name], v.keep, v.reason)
         if v.score is not None:
             scores.setdefault(node.name, []).append(np.asarray(v.score, dtype=np.float32))
-        reason = np.where(v.keep, "", np.char.add(f"{node.name}:", v.reason.astype(str))).astype(object)
-        return v.keep, reason
+        return v.keep, (v.reason if top else _prefixed(node.name, v.keep, v.reason))  # top: counted above
     results = [_evaluate(c, batch, per_filter, scores) for c in node.children]
     keeps = np.stack([k for k, _ in results])
     keep = keeps.all(0) if node.op == "all" else keeps.any(0)
@@ -305,10 +321,20 @@ def _evaluate(node: Node, batch: Batch, per_filter: dict[str, Counts],
     return keep, reason
 
 
+def _prefixed(name: str, keep: np.ndarray, reason: np.ndarray) -> np.ndarray:
+    """"name:reason" for dropped rows, "" for kept ones (a handful of distinct reasons: set per reason)."""
+    out = np.full(len(keep), "", dtype=object)
+    dropped = np.flatnonzero(~keep)
+    if len(dropped):
+        r = reason[dropped]
+        for why in set(r.tolist()):
+            out[dropped[r == why]] = f"{name}:{why}"
+    return out
+
+
 def _count(counts: Counts, keep: np.ndarray, reason: np.ndarray) -> None:
     counts.keep(int(keep.sum()))
-    if (~keep).any():
-        names, n = np.unique(reason[~keep].astype(str), return_counts=True)
-        for name, k in zip(names, n):
+    if not keep.all():
+        for name, k in collections.Counter(reason[~keep].tolist()).items():
             counts.drop(str(name) or "unspecified", int(k))
 
