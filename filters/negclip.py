@@ -14,7 +14,7 @@ partitions of the pool into batches of b. Paper values (as we read the paper): b
 CLIP's training batch), K = 10, τ = the teacher's learned temperature (OpenAI CLIP: 0.01, logit
 scale 100) -- the defaults here. On the world, the principle "the teacher's own training batch and
 temperature" gives b = 128 (configs/train/reference_*.yaml) and the reference checkpoint's logit
-scale (training.reference.logit_scale); configs/filters/negclip_world.yaml.
+scale (training.reference.logit_scale; `clipsift train --reference-models` prints it); configs/filters/negclip.yaml.
 
 Every batch has exactly b rows: the last, short one of a partition is topped up with rows of that
 partition's first batch (their normalisers come from their own batch, as everywhere else).

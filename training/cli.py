@@ -40,13 +40,13 @@ def main(cfg: TrainConfig, args: argparse.Namespace) -> int:
         from clipsift.training.reference import ensure_reference_models
 
         models = ensure_reference_models(args.reference_models, overrides=args.overrides, progress=cfg.progress)
-        print(json.dumps({m.name: {"arch": m.arch, "checkpoint": str(m.checkpoint)} for m in models}, indent=1))
+        print(json.dumps({m.name: describe(m) for m in models}, indent=1))
         return 0
     if args.dfn_model:
         from clipsift.training.reference import ensure_dfn_model
 
         m = ensure_dfn_model(args.dfn_model, overrides=args.overrides, progress=cfg.progress)
-        print(json.dumps({m.name: {"arch": m.arch, "checkpoint": str(m.checkpoint)}}, indent=1))
+        print(json.dumps({m.name: describe(m)}, indent=1))
         return 0
     if args.resume:
         cfg.resume = args.resume
@@ -55,3 +55,10 @@ def main(cfg: TrainConfig, args: argparse.Namespace) -> int:
     run = train(cfg)
     print(f"run written to {run}")
     return 0
+
+
+def describe(m) -> dict:
+    """A reference model for the user: where it is, and its learned logit scale (negclip's logit_scale)."""
+    from clipsift.training.reference import logit_scale
+
+    return {"arch": m.arch, "checkpoint": str(m.checkpoint), "logit_scale": round(logit_scale(m.checkpoint), 4)}
