@@ -46,37 +46,45 @@ PAPER_REPEATS = 10
 OPENAI_LOGIT_SCALE = 100.0
 
 
-def batch_normalisers(img: torch.Tensor, txt: torch.Tensor, logit_scale: float, tile: int = 4096) -> torch.Tensor:
-    """R(i) = τ/2 [LSE_j(s_ij/τ) + LSE_j(s_ji/τ)] for every row of one batch (unit-norm rows, τ = 1/logit_scale).
+def batch_normalisers(img: torch.Tensor, txt: torch.Tensor, logit_scale: float,
+                      tile_elems: int = 1 << 24) -> torch.Tensor:
+    """R(i) = τ/2 [LSE_j(s_ij/τ) + LSE_j(s_ji/τ)] for every row of m batches at once: unit-norm
+    (m, b, dim) image and text embeddings -> (m, b), τ = 1/logit_scale.
 
-    Row tiles of the similarity matrix: memory O(tile · b), not O(b²)."""
-    b = img.shape[0]
-    rows = torch.empty(b, dtype=torch.float64, device=img.device)
-    cols = torch.full((b,), -math.inf, dtype=torch.float64, device=img.device)
+    Row tiles of the (m, b, b) similarities keep memory near tile_elems floats, however big b is."""
+    m, b, _ = img.shape
+    tile = max(1, tile_elems // (m * b))
+    rows = torch.empty((m, b), dtype=torch.float64, device=img.device)
+    cols = torch.full((m, b), -math.inf, dtype=torch.float64, device=img.device)
     for t0 in range(0, b, tile):
-        logits = (img[t0:t0 + tile] @ txt.T) * logit_scale  # images t0.. against every text
-        rows[t0:t0 + tile] = torch.logsumexp(logits, dim=1).double()
-        cols = torch.logaddexp(cols, torch.logsumexp(logits, dim=0).double())
+        logits = torch.bmm(img[:, t0:t0 + tile], txt.transpose(1, 2)) * logit_scale  # images t0.. vs every text
+        rows[:, t0:t0 + tile] = torch.logsumexp(logits, dim=2).double()
+        cols = torch.logaddexp(cols, torch.logsumexp(logits, dim=1).double())
     return (rows + cols) / (2.0 * logit_scale)
 
 
 def negclip_scores(img: np.ndarray, txt: np.ndarray, batch_size: int, repeats: int, logit_scale: float,
-                   rng: np.random.Generator, device: str = "cpu") -> np.ndarray:
+                   rng: np.random.Generator, device: str = "cpu", tile_elems: int = 1 << 24) -> np.ndarray:
     """negCLIPLoss of every row of (img, txt) -- one group, held in memory -- from `repeats` random
-    partitions into batches of `batch_size`."""
-    n = len(img)
-    if batch_size > n:
-        raise FilterError(f"negclip: batch_size {batch_size} is larger than the {n} rows to batch; lower batch_size")
+    partitions into batches of `batch_size` (small batches are computed many at once)."""
+    n, b = len(img), batch_size
+    if b > n:
+        raise FilterError(f"negclip: batch_size {b} is larger than the {n} rows to batch; lower batch_size")
     u = torch.nn.functional.normalize(torch.from_numpy(np.asarray(img, np.float32)).to(device), dim=-1)
     v = torch.nn.functional.normalize(torch.from_numpy(np.asarray(txt, np.float32)).to(device), dim=-1)
+    nb = -(-n // b)
+    own = torch.ones(nb * b, dtype=torch.bool, device=device)
+    own[n:] = False  # the top-up rows of the last batch: already scored in the first
+    per_call = max(1, tile_elems // (b * b))
     norm = torch.zeros(n, dtype=torch.float64, device=device)
     for _ in range(repeats):
         perm = rng.permutation(n)
-        for start in range(0, n, batch_size):
-            own = perm[start:start + batch_size]
-            members = own if len(own) == batch_size else np.concatenate([own, perm[:batch_size - len(own)]])
-            idx = torch.from_numpy(members).to(device)
-            norm[idx[:len(own)]] += batch_normalisers(u[idx], v[idx], logit_scale)[:len(own)]
+        members = torch.from_numpy(np.concatenate([perm, perm[:nb * b - n]])).to(device).view(nb, b)
+        for c0 in range(0, nb, per_call):
+            idx = members[c0:c0 + per_call]
+            r = batch_normalisers(u[idx], v[idx], logit_scale, tile_elems).reshape(-1)
+            keep = own[c0 * b:(c0 + len(idx)) * b]
+            norm.index_add_(0, idx.reshape(-1)[keep], r[keep])
     clip = (u * v).sum(-1).double()
     return (clip - norm / repeats).cpu().numpy().astype(np.float32)
 
