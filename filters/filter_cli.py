@@ -12,7 +12,8 @@ normsim, when any) and work/ (resumable state of pool-level filters such as semd
     clipsift filter filter.kind=clip_score filter.args.column=b32 filter.args.threshold=0.3 ...
 
 Filter kinds: no_filter, english, basic, clip_score, laion2b, text_based, text_based_world,
-image_based, normsim, semdedup; `all` / `any` groups combine them (filter.of: [...]). Language id:
+image_based, normsim, semdedup, negclip, linear_classifier (the last two are M-FLYT inputs:
+docs/flyt.md); `all` / `any` groups combine them (filter.of: [...]). Language id:
 each filter's DataComp identifier (fastText lid.176, cld3 for laion2b; docs/datacomp.md);
 lang.fasttext_model=lid.176.bin for DataComp's full model, lang.backend=py3langid to force one.
 """
