@@ -75,12 +75,12 @@ def random_uids(rng: np.random.Generator, n: int) -> list[str]:
 def uids_to_u8u8(uids: Iterable[str]) -> np.ndarray:
     """Hex uids -> structured u8,u8 array (unsorted, same order). Vectorised: one hex decode of
     the joined string, so 100M uids take seconds, not minutes."""
-    arr = np.asarray(uids if isinstance(uids, np.ndarray) else list(uids), dtype=object)
+    arr = uids.tolist() if isinstance(uids, np.ndarray) else uids if isinstance(uids, list) else list(uids)
     out = np.empty(len(arr), dtype=SUBSET_DTYPE)
     if not len(arr):
         return out
     try:
-        joined = "".join(arr.tolist())
+        joined = "".join(arr)
     except TypeError:  # not all str: the bad one is named below
         joined = ""
     try:

@@ -172,8 +172,10 @@ def top_fraction_threshold(scores: np.ndarray, fraction: float) -> float:
     if len(s) == 0:
         raise FilterError("cannot take a pool fraction of an empty pool")
     rank = min(int(len(s) * fraction), len(s) - 1)  # fraction 1.0 keeps the whole pool (DataComp: IndexError)
-    cut = float(-np.partition(-np.where(np.isnan(s), -np.inf, s), rank)[rank])
-    if cut == -np.inf and np.isnan(s).any():
+    missing = np.isnan(s)
+    desc = -np.where(missing, -np.inf, s) if missing.any() else -s
+    cut = float(-np.partition(desc, rank)[rank])
+    if cut == -np.inf and missing.any():
         raise FilterError(f"the top {fraction} of {len(s)} rows reaches rows without a score "
                           f"({int(np.isnan(s).sum())} missing); use a smaller fraction or a threshold")
     return cut
