@@ -235,7 +235,7 @@ def test_mixer_standardises_inputs_and_treats_missing_as_mean():
     x = torch.tensor([[1.0, 10.0], [3.0, float("nan")], [5.0, 30.0]])
     mean, std = standardisation(x)
     assert mean == pytest.approx([3.0, 20.0]) and std == pytest.approx([2.0, math.sqrt(200)])
-    mixer = LinearMixer(["a", "b"], mean, std)
+    mixer = LinearMixer(["a", "b"], mean, std).zero_()  # bias 0 (the default init is random)
     with torch.no_grad():
         mixer.linear.weight[:] = torch.tensor([[1.0, 2.0]])
     s = mixer(x)

@@ -99,7 +99,8 @@ def test_flyt_run_writes_scores_and_stats(flyt_run, inputs):
 def test_flyt_ranks_junk_captions_below_clean_pairs(flyt_run, inputs):
     # The floor: better than chance on junk captions ("IMG_0412", "click here" on on-task images),
     # which FLYT must learn from the downstream signal alone (the scorer starts uniform).
-    # Measured on this world: junk AUC 0.61-0.78 over seeds and batch sizes. Off-task pairs are NOT
+    # Measured on this world: junk AUC 0.57 with the default CLIP-loss downstream variant (0.61-0.78
+    # over seeds and batch sizes with the earlier "mixed" loss). Off-task pairs are NOT
     # ranked below clean here (AUC 0.16-0.57): at this scale the one-step objective favours
     # high-loss pairs the clean-trained reference has not learned (training/flyt/__init__.py).
     uids, scores = scores_table(flyt_run / "scores", "flyt_score")
@@ -107,6 +108,27 @@ def test_flyt_ranks_junk_captions_below_clean_pairs(flyt_run, inputs):
                for k in ("junk", "off_task", "misaligned", "foreign")}
     print("FLYT AUC clean vs each noise kind", by_kind)
     assert by_kind["junk"] > 0.55, by_kind
+
+
+def test_noise_auc_is_logged_per_checkpoint_from_the_ground_truth(flyt_run, inputs):
+    """`clipsift flyt` logs, at the start and each checkpoint, the AUC of clean pairs against each
+    planted noise kind: the last entry is exactly what the written scores give."""
+    stats = read_json(flyt_run / "stats.json")
+    curve = stats["noise_auc"]
+    assert [r["step"] for r in curve] == [0, 20, 40, 60]  # checkpoint_every 20 in the ci preset
+    uids, scores = scores_table(flyt_run / "scores", "flyt_score")
+    from clipsift.world.generate import load_ground_truth
+
+    gt = load_ground_truth(inputs["world"])
+    kind = dict(zip(gt.column("uid").to_pylist(), gt.column("noise").to_pylist()))
+    present = sorted({kind[u] for u in uids} - {"clean"})
+    assert "corrupt" not in present and {"junk", "misaligned", "off_task"} <= set(present)
+    for r in curve:
+        assert sorted(r["auc"]) == present and all(0 <= v <= 1 for v in r["auc"].values())
+    for k in present:
+        assert curve[-1]["auc"][k] == pytest.approx(ground_truth_auc(inputs["world"], uids, scores, [k]), abs=1e-4)
+    assert curve[0]["auc"]["junk"] == 0.5  # uniform init: every score equal, every pair a tie
+    assert curve[-1]["auc"]["junk"] != curve[0]["auc"]["junk"]
 
 
 def test_resumed_run_equals_uninterrupted_run(inputs, tmp_path):
@@ -123,6 +145,8 @@ def test_resumed_run_equals_uninterrupted_run(inputs, tmp_path):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     untimed = lambda rows: [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]  # noqa: E731
     assert untimed(read_json(full / "stats.json")["log"]) == untimed(read_json(cut / "stats.json")["log"])
+    curve = read_json(full / "stats.json")["noise_auc"]
+    assert [r["step"] for r in curve] == [0, 2, 4] and read_json(cut / "stats.json")["noise_auc"] == curve
     assert cli.main(["flyt", *flyt_args(inputs, cut, *short, "resume=latest", "scorer.lr=0.5")]) == 2  # other config
 
 
@@ -149,6 +173,8 @@ def test_mflyt_learns_weights_over_clip_and_flyt_scores(flyt_run, inputs, tmp_pa
     assert cli.main(["mflyt", *args]) == 0
     printed = capsys.readouterr().out
     weights = read_json(out / "mixer_weights.json")
+    curve = read_json(out / "stats.json")["noise_auc"]  # M-FLYT logs the same learning curve
+    assert [r["step"] for r in curve] == [0, 20] and "junk" in curve[-1]["auc"]
     assert set(weights) == {"clip_b32_similarity_score", "flyt_score", "(bias)"}
     assert any(abs(weights[c]) > 1e-3 for c in ("clip_b32_similarity_score", "flyt_score"))
     for name, value in weights.items():
@@ -164,10 +190,10 @@ def test_mflyt_learns_weights_over_clip_and_flyt_scores(flyt_run, inputs, tmp_pa
 
 def test_two_gloo_ranks_match_one_process(inputs, tmp_path):
     """torchrun, 2 CPU ranks: scores gathered for a softmax over the global batch, gradients summed.
-    Classification tasks only: their loss splits exactly over ranks (a retrieval task's CLIP loss
-    would see each rank's negatives only)."""
+    Classification tasks with the cross-entropy loss only: it splits exactly over ranks (a CLIP
+    loss would see each rank's negatives only)."""
     short = ["steps=2", "log_every=1", "score_pool=false", "reference.moment_warmup=1", "batch_size=32",
-             "downstream.names=[shapes,count]", "downstream.batch_size=16"]
+             "downstream.names=[shapes,count]", "downstream.batch_size=16", "downstream.loss=ce"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert cli.main(["flyt", *flyt_args(inputs, single, *short)]) == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -36,6 +36,17 @@ class DownstreamConfig:
     split: str = "train"  # the split FLYT learns from (never the evaluation split)
     batch_size: Count = 3072  # examples per task and step (global; fewer if the split is smaller)
     rho_init: float = math.log(1 / 0.07)  # ρ: log temperature of the zero-shot heads (learned)
+    # ce: the paper's main loss, zero-shot cross-entropy on the classification tasks (retrieval tasks
+    # left out, counted in stats). clip: the paper's CLIP-loss variant, every task's image-text pairs
+    # (a classification image with its class's prompt) in one contrastive loss at scale exp(ρ); the
+    # default because it is the paper's form that lets the world's retrieval task (a quarter of the
+    # average) shape the scorer. mixed: this repo's earlier loss (classification CE averaged with each
+    # retrieval task's CLIP loss at the reference's own τ), kept to reproduce older runs.
+    loss: Literal["ce", "clip", "mixed"] = "clip"
+    # reference: ρ takes AdamW steps with the reference model's settings (its lr schedule, betas, eps,
+    # no decay), as the paper's code, where ρ is a reference parameter. scorer: in the scorer's AdamW
+    # (this repo's earlier choice, kept to reproduce older runs).
+    rho_optimizer: Literal["reference", "scorer"] = "reference"
 
 
 @dataclass
@@ -65,6 +76,9 @@ class LoopConfig:
     stop_after_steps: Natural | None = None  # stop (with a checkpoint) after this many steps
     log_every: Count = 10
     progress: bool = True
+    # with world=: at the start and each checkpoint, log the AUC of the scores of clean pairs against
+    # each planted noise kind (the world's ground truth), a learning curve of what the scorer learns
+    noise_auc: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
@@ -101,7 +115,10 @@ class MixerConfig:
     # More folders of per-uid score parquets joined to `metadata` by uid (e.g. a FLYT run's scores/).
     extra_metadata: list[str] = field(default_factory=list)
     lr: Positive = 1e-3
-    wd: float = 0.0
+    # random: PyTorch's default nn.Linear init, as the paper. zero: every example starts with the same
+    # score (nothing ranked by chance), for runs too short to move away from a random start
+    init: Literal["random", "zero"] = "random"
+    wd: NonNegative = 0.2  # on the weights, not the bias: the paper trains the mixer with its scorer AdamW
 
 
 @dataclass
@@ -112,4 +129,4 @@ class MFlytConfig(LoopConfig):
 
 # Keys that may differ between a run and its resumption (they do not change the result).
 RESUME_FREE_KEYS = frozenset({"out", "resume", "stop_after_steps", "checkpoint_every", "log_every", "progress",
-                              "threads", "device", "workers", "decode_cache", "score_pool"})
+                              "threads", "device", "workers", "decode_cache", "score_pool", "noise_auc"})

@@ -227,19 +227,29 @@ class DownstreamBatches:
         return DownBatch(torch.cat(images), torch.cat(tokens), parts)
 
 
-def downstream_loss(embed: Callable, batch: DownBatch, rho: torch.Tensor) -> torch.Tensor:
-    """Mean over tasks: zero-shot cross-entropy (classification) or CLIP loss (retrieval).
+def downstream_loss(embed: Callable, batch: DownBatch, rho: torch.Tensor, loss: str = "clip") -> torch.Tensor:
+    """FLYT's downstream loss of the updated model (DownstreamConfig.loss says which):
+    ce: mean over classification tasks of the zero-shot cross-entropy at scale exp(ρ);
+    clip: one CLIP loss at scale exp(ρ) over every task's image-text pairs (a classification
+    image paired with the sampled prompt of its class);
+    mixed: mean over tasks of the cross-entropy (classification) or the CLIP loss at the model's τ
+    (retrieval).
 
     embed(images, tokens) -> (normalised image emb, normalised text emb, τ) of the updated model.
     """
     from clipsift.training.flyt.losses import clip_loss, zeroshot_loss
 
     u, t, tau = embed(batch.images, batch.tokens)
-    u, t, tau = u.float(), t.float(), tau.float()
+    u, t, tau, rho = u.float(), t.float(), tau.float(), rho.float()
+    if loss == "clip":
+        texts = [t[txt] if labels is None else t[txt][labels] for _, _, txt, labels in batch.parts]
+        return clip_loss(torch.cat([u[img] for _, img, _, _ in batch.parts]), torch.cat(texts), rho.exp())
     losses = []
     for kind, img, txt, labels in batch.parts:
         if kind == "classification":
-            losses.append(zeroshot_loss(u[img], t[txt], labels, rho.float()))
-        else:
+            losses.append(zeroshot_loss(u[img], t[txt], labels, rho))
+        elif loss == "mixed":
             losses.append(clip_loss(u[img], t[txt], tau))
+        else:
+            raise ValueError(f"downstream loss {loss!r}: a {kind} task has no cross-entropy (leave it out)")
     return torch.stack(losses).mean()

@@ -10,7 +10,8 @@ A scorer is rebuilt from a small spec dict (saved in checkpoints), so scoring ne
                 training needs no image decoding for the scorer. Fine-tuning the body (an option
                 in the paper) is not implemented.
     LinearMixer Ψ = scores other methods gave the example; s = Σ_k a_k z_k + b with z the scores
-                standardised by the pool mean/std kept in the module (missing values -> 0).
+                standardised by the pool mean/std kept in the module (missing values -> 0);
+                PyTorch's default init (the paper's) or all zeros.
 """
 from __future__ import annotations
 
@@ -97,12 +98,17 @@ class LinearMixer(nn.Module):
         if k == 0:
             raise ValueError("M-FLYT needs at least one input score column")
         self.columns = list(columns)
-        self.linear = nn.Linear(k, 1)
-        nn.init.zeros_(self.linear.weight)  # start from uniform weights over the batch
-        nn.init.zeros_(self.linear.bias)
+        self.linear = nn.Linear(k, 1)  # PyTorch's default init, as the paper's mixer
         self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * k, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * k, dtype=torch.float32))
         self.spec = {"kind": "linear", "columns": self.columns}
+
+    @torch.no_grad()
+    def zero_(self) -> "LinearMixer":
+        """Every example starts with the same score: uniform weights over the batch."""
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = torch.nan_to_num((x - self.mean) / self.std, nan=0.0)

@@ -115,7 +115,10 @@ def setup_scorer(cfg: LoopConfig) -> ScorerSetup:
         mc = cfg.mixer
         feats = fdata.column_features([cfg.metadata, *mc.extra_metadata], mc.columns)
         mean, std = standardisation(torch.from_numpy(feats.values))
-        return ScorerSetup("mflyt", LinearMixer(mc.columns, mean, std), feats, list(mc.columns), mc.lr, mc.wd)
+        mixer = LinearMixer(mc.columns, mean, std)
+        if mc.init == "zero":
+            mixer.zero_()
+        return ScorerSetup("mflyt", mixer, feats, list(mc.columns), mc.lr, mc.wd)
     raise TypeError(f"not a FLYT config: {type(cfg).__name__}")
 
 
@@ -148,10 +151,14 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
     fmodel = FunctionalCLIP(model)
     scorer = setup.scorer.to(device)
     rho = torch.nn.Parameter(torch.tensor(cfg.downstream.rho_init, device=device))
+    rho_with_scorer = cfg.downstream.rho_optimizer == "scorer"
     decay = [p for p in scorer.parameters() if p.ndim >= 2]
-    no_decay = [p for p in scorer.parameters() if p.ndim < 2] + [rho]
+    no_decay = [p for p in scorer.parameters() if p.ndim < 2] + ([rho] if rho_with_scorer else [])
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": setup.wd}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=setup.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # the paper's ρ is a reference parameter: the reference's AdamW settings and schedule, no decay
+    rho_opt = None if rho_with_scorer else torch.optim.AdamW([rho], lr=cfg.reference.lr, betas=(cfg.beta1, cfg.beta2),
+                                                              eps=cfg.eps, weight_decay=0.0)
 
     # Data: the pool (decoded once) with Ψ, and the downstream tasks' training splits.
     size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list))
@@ -166,6 +173,13 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
             if unknown:
                 raise ValueError(f"downstream.names: {unknown} not in {cfg.downstream.tasks}")
             tasks = [t for t in tasks if t.name in cfg.downstream.names]
+        left_out = {t.name: "loss=ce has no cross-entropy for a retrieval task" for t in tasks
+                    if cfg.downstream.loss == "ce" and t.type != "classification"}
+        tasks = [t for t in tasks if t.name not in left_out]
+        for name, why in left_out.items():
+            log.info("downstream task %s left out: %s", name, why)
+        if not tasks:
+            raise ValueError(f"downstream: no task left for loss={cfg.downstream.loss} (left out: {left_out})")
         task_data = [fdata.load_task(t, cfg.downstream.split, ref.preprocess, ref.tokenizer) for t in tasks]
         down = fdata.DownstreamBatches(task_data, cfg.downstream.batch_size, cfg.seed)
     mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=device)
@@ -173,7 +187,7 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
 
     params = fmodel.params()
     ref_state = AdamWState.zeros_like(params)
-    start, rows, prior_seconds = 0, [], 0.0
+    start, rows, prior_seconds, auc_rows = 0, [], 0.0, []
     if state is not None:
         model.load_state_dict(state["reference"])
         params = fmodel.params()
@@ -182,6 +196,9 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
         with torch.no_grad():
             rho.copy_(state["rho"])
         opt.load_state_dict(state["scorer_opt"])
+        if rho_opt is not None:
+            rho_opt.load_state_dict(state["rho_opt"])
+        auc_rows = list(state.get("noise_auc", []))
         start, rows, prior_seconds = int(state["step"]), list(state["log"]), float(state["train_seconds"])
         log.info("resuming %s at step %d/%d", ckpt_path, start, cfg.steps)
     decay_names = decayed_names(params)
@@ -212,7 +229,8 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
             checkpoint.save(run_dir / CHECKPOINT, {
                 "step": step, "config": resolved, "kind": setup.kind, "scorer": scorer.state_dict(),
                 "scorer_spec": scorer.spec, "inputs": setup.inputs, "rho": rho.detach().cpu(),
-                "scorer_opt": opt.state_dict(), "reference": model.state_dict(), "name": cfg.reference.arch,
+                "scorer_opt": opt.state_dict(), "rho_opt": rho_opt.state_dict() if rho_opt else None,
+                "noise_auc": auc_rows, "reference": model.state_dict(), "name": cfg.reference.arch,
                 "reference_opt": ref_state.state_dict(), "log": rows,
                 "train_seconds": prior_seconds + timer.seconds.get("train", 0.0)})
 
@@ -222,6 +240,17 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
              len(pool), len(task_data), start, end, cfg.steps, cfg.batch_size)
     from tqdm import tqdm
 
+    truth = noise_kinds(cfg, setup.features) if cfg.noise_auc and comm.rank == 0 else None
+
+    def log_auc(done: int) -> None:
+        if truth is None:
+            return
+        with timer("noise_auc"):
+            auc_rows.append({"step": done, "auc": noise_aucs(pool_scores(scorer, setup.features, device), truth)})
+        log.info("step %d clean-vs-noise AUC: %s", done, ", ".join(f"{k} {v:.3f}" for k, v in auc_rows[-1]["auc"].items()))
+
+    if start == 0:
+        log_auc(0)
     bar = tqdm(total=cfg.steps, initial=start, unit="step", desc=setup.kind, dynamic_ncols=True,
                disable=not cfg.progress or comm.rank != 0)
     step = start
@@ -239,7 +268,7 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
                 w = torch.softmax(comm.gather(scores.detach().float()), dim=0)
 
                 def down_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
-                    return fdata.downstream_loss(lambda x, t: fmodel(p, x, t), dbatch, rho)
+                    return fdata.downstream_loss(lambda x, t: fmodel(p, x, t), dbatch, rho, cfg.downstream.loss)
 
                 res = hypergradient_step(fmodel, params, ref_state, hyper(lr_ref), decay_names, images, tokens, w,
                                          down_loss, [rho], project, comm, amp, timer)
@@ -250,6 +279,9 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
                 for group in opt.param_groups:
                     group["lr"] = lr_phi
                 opt.step()
+                if rho_opt is not None:
+                    rho_opt.param_groups[0]["lr"] = lr_ref
+                    rho_opt.step()
                 params, ref_state = res.params, res.state
                 done = step + 1
                 if done % cfg.log_every == 0 or done == end:
@@ -259,10 +291,13 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
                     bar.set_postfix(up=f"{rows[-1]['up_loss']:.3f}", down=f"{rows[-1]['down_loss']:.3f}")
                 bar.update(1)
                 if done % cfg.checkpoint_every == 0 and done != end:
+                    log_auc(done)
                     save(done)
             step = end
     finally:
         bar.close()
+    if step > start:
+        log_auc(step)
     save(step)
 
     out: dict[str, Any] = {}
@@ -280,6 +315,8 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
                 out["scored"] = score_metadata(scorer, setup, cfg, run_dir / "scores", device)
     timer.seconds["total"] = time.perf_counter() - t_start
     if comm.rank == 0:
+        out["noise_auc"] = auc_rows or None
+        out["downstream_left_out"] = left_out
         write_json(run_dir / "stats.json", _stats(cfg, setup, pool, task_data, step, start, device, comm, bf16,
                                                   timer, prior_seconds, rows, out))
     if comm.distributed:
@@ -302,6 +339,42 @@ def _mean(x: torch.Tensor, comm: Comm) -> float:
     t = x.to(torch.float64, copy=True).reshape(1)
     comm.mean_([t])
     return float(t)
+
+
+def noise_kinds(cfg: LoopConfig, features: fdata.Features) -> np.ndarray | None:
+    """The planted noise kind of each feature row from the world's ground truth ("" where a uid has
+    none); None without a world (a real pool has no ground truth)."""
+    if not cfg.world or not (Path(cfg.world) / "pool" / "ground_truth").is_dir():
+        return None
+    from clipsift.world.generate import load_ground_truth
+
+    gt = load_ground_truth(cfg.world)
+    kind_of = dict(zip(gt.column("uid").to_pylist(), gt.column("noise").to_pylist()))
+    return np.array([kind_of.get(u, "") for u in features.uids])
+
+
+@torch.no_grad()
+def pool_scores(scorer: torch.nn.Module, features: fdata.Features, device: torch.device,
+                chunk: int = 16384) -> np.ndarray:
+    """The scorer's score of every feature row (fp32, in chunks)."""
+    values = torch.from_numpy(features.values)
+    return torch.cat([scorer(values[i : i + chunk].to(device)).float().cpu()
+                      for i in range(0, len(values), chunk)]).numpy()
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a random positive scores above a random negative), ties counting half."""
+    neg = np.sort(neg)
+    below = np.searchsorted(neg, pos, "left")
+    ties = np.searchsorted(neg, pos, "right") - below
+    return float((below + 0.5 * ties).sum() / (len(pos) * len(neg)))
+
+
+def noise_aucs(scores: np.ndarray, kinds: np.ndarray) -> dict[str, float]:
+    """AUC of clean pairs against each planted noise kind present (1 = every clean pair above it)."""
+    clean = scores[kinds == "clean"]
+    return {str(k): round(auc(clean, scores[kinds == k]), 4) for k in sorted(set(kinds) - {"clean", ""})
+            if len(clean) and (kinds == k).any()}
 
 
 def write_scorer(path: Path, setup: ScorerSetup, scorer: torch.nn.Module, cfg: LoopConfig, step: int) -> None:
