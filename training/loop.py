@@ -193,7 +193,7 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world_size: int, device: torc
     try:
         with timer("train"):
             for step in range(start, end):
-                with timer("data_wait"):
+                with timer("data_wait" if step > start else "first_batch"):  # start-up apart
                     batch = next(batches)
                 lr = cosine_lr(step, cfg.lr, cfg.warmup, steps)
                 mark = clock.start()
