@@ -57,7 +57,7 @@ def check_uid_column(path: str | Path, uids: pa.ChunkedArray | pa.Array) -> None
         raise FormatError(f"{path}: uid is a {uids.type} column; DataComp uids are 32-character lowercase hex "
                           "strings (an integer uid u is f'{u:032x}')")
     ok = pc.fill_null(pc.match_substring_regex(uids, _UID_RE.pattern), False)
-    if not pc.all(ok).as_py():
+    if not pc.all(ok, min_count=0).as_py():
         row = pc.index(ok, False).as_py()
         raise FormatError(f"{path}: row {row}: uid {uids[row].as_py()!r} is not 32 lowercase hex characters; "
                           "fix the metadata (DataComp uids are 128-bit hex)")

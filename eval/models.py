@@ -140,7 +140,8 @@ def load_model(arch: str, pretrained: str = "", device: str | torch.device = "cp
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=None if hub else (source or None), device=device
         )
-    except (RuntimeError, AssertionError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:  # load errors
+    except (RuntimeError, AssertionError, KeyError, ValueError, EOFError, OSError, pickle.UnpicklingError) as e:
+        # how torch and open_clip fail on a damaged file or on weights of another architecture
         if hub or not Path(source).is_file() or isinstance(e, torch.cuda.OutOfMemoryError):
             raise
         from clipsift.training.checkpoint import explain_load_failure

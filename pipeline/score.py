@@ -74,6 +74,9 @@ def run_score(cfg: ScoreConfig, echo=print) -> dict[str, Any]:
                 compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else None,
                 num_cpus=cfg.ray.model_cpus if use_gpu else 1, batch_size=1, batch_format="pyarrow")
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                errors = [e for e in table.column("error").to_pylist() if e]
+                if errors:  # bad input found while reading rows: one line, as the up-front checks
+                    raise formats.FormatError(errors[0])
                 written += table.num_rows
                 rows += sum(table.column("rows").to_pylist())
                 if cfg.max_shards and written >= cfg.max_shards:
@@ -188,8 +191,16 @@ class ScoreFiles:
         self.heads: dict | None = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [self.score_file(Path(p)) for p in batch.column("path").to_pylist()]
-        return pa.table({"path": batch.column("path"), "rows": pa.array(rows, pa.int64())})
+        rows, errors = [], []
+        for p in batch.column("path").to_pylist():
+            try:
+                rows.append(self.score_file(Path(p)))
+                errors.append("")
+            except formats.FormatError as e:  # returned: Ray would hand the driver only its traceback text
+                rows.append(0)
+                errors.append(str(e))
+        return pa.table({"path": batch.column("path"), "rows": pa.array(rows, pa.int64()),
+                         "error": pa.array(errors, pa.string())})
 
     def score_file(self, path: Path) -> int:
         torch = self.torch

@@ -71,9 +71,9 @@ def load(path: Path, resume: bool = False) -> dict[str, Any]:
     With `resume`, also checks that it holds what a resume needs."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise  # missing or unreadable: the path is the problem, and the error names it
-    except Exception as e:  # every way torch fails to parse a file
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise  # the path is the problem, and the error names it
+    except Exception as e:  # every way torch fails to parse a file (a short one: OSError EINVAL)
         raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or another kind of file "
                               f"({_first_line(e)}); copy it again, or delete it to start over") from None
     if not isinstance(state, dict):
