@@ -696,3 +696,103 @@ def test_img2dataset_default_names_embed_the_same_and_carry_its_failure_counts(c
             k: world_stats[stem][k] for k in ("failed_to_download", "failed_to_resize")}
     assert got["totals"]["download_failures"] == {"failed_to_download": 7 + 8 + 9, "failed_to_resize": 0 + 1 + 2}
     assert any("failed_to_download=24, failed_to_resize=3" in line for line in lines)
+
+
+# ---------------------------------------------------------------- a real two-node Ray cluster (issue 22, item 12)
+class RayNodes:
+    """Ray nodes started with `ray start --block` on this machine, each in its own process group, so
+    killing a node (SIGKILL to its group) and the final teardown reach exactly the processes it
+    started, never another Ray on the machine (`ray stop` would stop every Ray here). Its own
+    RAY_TMPDIR keeps other Ray users from finding (and joining) this cluster."""
+
+    def __init__(self, tmp: Path):
+        import socket
+
+        self.tmp = tmp
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        # a loopback test cluster: no auth token (Ray enables token auth when it finds one)
+        self.env = {**os.environ, "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.nodes: list[subprocess.Popen] = []
+
+    def start(self, head: bool = False) -> subprocess.Popen:
+        ray = str(Path(sys.executable).with_name("ray"))
+        where = ["--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.tmp}"] if head \
+            else [f"--address={self.address}"]
+        log = open(self.tmp / f"node{len(self.nodes)}.log", "w")
+        node = subprocess.Popen([ray, "start", "--block", *where, "--num-cpus=1", "--node-ip-address=127.0.0.1",
+                                 "--object-store-memory=200000000", "--disable-usage-stats"],
+                                env=self.env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        self.nodes.append(node)
+        self.wait_for(sum(n.poll() is None for n in self.nodes))
+        return node
+
+    def alive_nodes(self) -> int:
+        script = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
+                  "print(sum(n['Alive'] for n in ray.nodes()))" % self.address)
+        r = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True, timeout=120)
+        return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else -1
+
+    def wait_for(self, n: int, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while (alive := self.alive_nodes()) != n:
+            assert time.time() < deadline, f"{alive} Ray nodes alive, waiting for {n}: see {self.tmp}/node*.log"
+            time.sleep(1)
+
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            self.kill(node)
+
+
+@pytest.mark.slow
+def test_worker_node_killed_mid_run_on_a_two_node_ray_cluster(embedded, tmp_path):
+    """`clipsift embed` with RAY_ADDRESS on a head node and a worker node (1 CPU each). The worker
+    node is SIGKILLed once the first shard is written, and a replacement node joins: the job finishes
+    by itself, and its outputs are byte-identical to the uninterrupted local run's."""
+    cfg, _ = embedded
+    nodes = RayNodes(Path(f"/tmp/clipsift-ray-{os.getpid()}"))  # short: Ray's socket paths must fit 107 bytes
+    out = tmp_path / "cluster"
+    # half a CPU for the model actor, half per decode actor: one node alone still runs both stages
+    argv = [sys.executable, "-m", "clipsift", "embed", f"input={cfg.input}", f"out={out}", "batch_size=128",
+            "progress=false", "ray.model_cpus=0.5", "ray.decode_cpus=0.5"] + [
+        f"models.{n}.{k}={getattr(s, k)}" for n, s in cfg.models.items() for k in ("arch", "pretrained")]
+    proc = None
+    try:
+        nodes.start(head=True)
+        worker = nodes.start()
+        proc = subprocess.Popen(argv, env={**nodes.env, "RAY_ADDRESS": nodes.address}, start_new_session=True,
+                                stdout=open(tmp_path / "embed.log", "w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 400
+        while not (out / "done").is_dir() or not list((out / "done").glob("*.json")):
+            assert proc.poll() is None, (tmp_path / "embed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no shard finished in 400 s"
+            time.sleep(0.2)
+        nodes.kill(worker)
+        assert len(markers(out)) < 3, "the run ended before the node was killed: nothing was tested"
+        nodes.start()  # the replacement node
+        assert proc.wait(timeout=500) == 0, (tmp_path / "embed.log").read_text()[-3000:]
+    finally:
+        if proc is not None and proc.poll() is None:
+            RayNodes.kill(proc)
+        nodes.stop()
+        shutil.rmtree(nodes.tmp, ignore_errors=True)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["shards_done"] == 3
+    # 2 CPUs: the model actor and 3 decode actors of half a CPU each fill both nodes, so the killed
+    # node held a share of the run's actors (and the objects they had made) when it died
+    stages = stats["run"]["stages"]
+    assert (stages["cluster_cpus"], stages["model_actors"], stages["decode_slots"]) == (2.0, 1, 3)
+    for f in sorted((Path(cfg.out) / "metadata").iterdir()):
+        assert (out / "metadata" / f.name).read_bytes() == f.read_bytes(), f.name
