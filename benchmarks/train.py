@@ -177,7 +177,8 @@ def breakdown(case: str, mode: str, s: dict[str, Any], ceil: dict[str, Any]) -> 
     if s.get("gpu_busy_fraction") is not None:
         parts.append(f"GPU busy {100 * s['gpu_busy_fraction']:.0f}% (ceiling {100 * (ceil['gpu_busy_fraction'] or 0):.0f}%)")
     if s.get("decode_thread_ms_per_batch"):
-        parts.append(f"batch thread {s['decode_thread_ms_per_batch']:.1f} ms/batch ({s.get('image_decode')} decode)")
+        parts.append(f"decode/copy threads {s['decode_thread_ms_per_batch']:.1f} ms/batch busy "
+                     f"({s.get('image_decode')} decode; with device decode 4 threads share it)")
     parts.append(f"ceiling step {ceil['step_ms']:.1f} ms")
     if s.get("first_batch_s") is not None:
         parts.append(f"first batch {s['first_batch_s']:.1f} s")

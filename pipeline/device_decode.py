@@ -30,6 +30,10 @@ from clipsift.pipeline.encoders import ImagePrep, Plan, PlanError
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_END = b"\xff\xd9"
+# torchvision >= 0.29 warns on every decode call that its decoders are deprecated. Filtered once
+# here rather than with catch_warnings per call, which is not thread-safe (training decodes in threads).
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 _INTERPOLATIONS = ("bicubic", "bilinear")
 
 
@@ -57,18 +61,16 @@ def decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torc
 
     if not encoded:
         return []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision's deprecation notes about its decoders
-        try:
-            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:  # one bad file fails the whole batch: find it one by one
-            out: list[torch.Tensor | None] = []
-            for data in encoded:
-                try:
-                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError:
-                    out.append(None)
-            return out
+    try:
+        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:  # one bad file fails the whole batch: find it one by one
+        out: list[torch.Tensor | None] = []
+        for data in encoded:
+            try:
+                out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                out.append(None)
+        return out
 
 
 def resize_crop(img: torch.Tensor, size: tuple[int, int], interpolation=None, squash: bool = False) -> torch.Tensor:

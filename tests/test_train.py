@@ -393,6 +393,7 @@ def _stream_batches(paths, size, n, decode, subset=None, state=None, start=0, **
     return out, states, data
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")  # per call, in threads
 @pytest.mark.parametrize("size", [32, 24])
 def test_device_decoded_stream_gives_the_cpu_streams_batches(ci_world, size):
     """The device path run on the CPU (torchvision's decode_jpeg on CPU tensors: the same code
@@ -425,6 +426,7 @@ def _shards_with_a_jpeg_only_the_decoder_refuses(folder: Path) -> str:
     return f"{1:016x}{7:016x}"
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")  # per call, in threads
 def test_device_decode_fills_the_place_of_an_image_only_the_decoder_refuses_and_resumes_exactly(tmp_path):
     """A JPEG that passes the workers' completeness check but will not decode: dropped and counted
     in the training process, the next samples move up so every batch stays full, and a stream
@@ -452,6 +454,7 @@ def test_device_decode_fills_the_place_of_an_image_only_the_decoder_refuses_and_
             assert a.uids == b.uids and torch.equal(a.images, b.images)
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")  # per call, in threads
 def test_device_decoded_stream_trains_and_resumes_to_the_uninterrupted_weights(few, tmp_path):
     """train() with data.image_decode=device (its CPU run): stop and resume reach the same weights,
     and stats say where the images were decoded."""

@@ -537,7 +537,7 @@ class StreamData:
     def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None,
                  batch_size: int, seed: int, rank: int = 0, world_size: int = 1, workers: int = 2,
                  shuffle_buffer: int = 4096, pin_memory: bool = False, image_decode: str = "cpu",
-                 device: torch.device | None = None, prefetch: int = 3):
+                 device: torch.device | None = None, prefetch: int = 3, decode_threads: int = 4):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by {world_size} ranks")
         lanes = world_size * max(workers, 1)
@@ -553,11 +553,11 @@ class StreamData:
             raise ConfigError(f"{subset.path}: the subset is empty; nothing to train on")
         self.workers, self.pin_memory, self.image_decode = workers, pin_memory, image_decode
         self.device = device if device is not None else torch.device("cpu")
-        self.prefetch = prefetch
+        self.prefetch, self.decode_threads = prefetch, decode_threads
         self.counts = Counts()
         self.subset = subset
         self.resume_at: tuple[int, int] | None = None  # image_decode=device: (raw batch, samples used)
-        self.decode_seconds = 0.0  # the decoding thread's time (decode, resize, copies), for the stats
+        self.decode_seconds = 0.0  # the decoding threads' busy time (decode, resize, copies), for the stats
 
     def batches(self, start_step: int) -> Iterator[Batch]:
         if self.image_decode == "cpu" and self.device.type == "cpu":
@@ -591,25 +591,13 @@ class StreamData:
     def _decoded(self, first: int, used: int) -> Iterator[Batch]:
         """Raw batches from number `first` on (its first `used` samples already trained on) ->
         full batches of device-decoded images (see the class docstring)."""
-        b, size = self.args["batch_size"], self.args["size"]
+        b = self.args["batch_size"]
         held: deque[list] = deque()  # [raw index, images, tokens, uids, samples used, counts or None]
         available, counts = 0, Counts()
-        for r, raw in zip(count(first), self._loader(first)):
-            t0 = time.perf_counter()
-            images, ok = raw.encoded.decode(size, self.device)
-            keep = torch.tensor(ok, dtype=torch.bool)
-            raw_counts = Counts()
-            raw_counts.merge(raw.counts)
-            if not all(ok):  # the worker counted these as kept; they are not
-                bad = len(ok) - int(keep.sum())
-                raw_counts.drop(shards.CORRUPT_IMAGE, bad)
-                raw_counts.keep(-bad)
+        for r, (images, tokens, uids, raw_counts) in zip(count(first), self._decoded_raw(first)):
             skip = used if r == first else 0  # resumed mid-batch: its counts are in the checkpoint already
-            held.append([r, images, raw.tokens[keep].to(self.device, non_blocking=True),
-                         [u for u, k in zip(raw.uids, ok) if k], skip, None if skip else raw_counts.as_dict()])
-            _finish(self.device)
-            self.decode_seconds += time.perf_counter() - t0
-            available += len(held[-1][3]) - skip
+            held.append([r, images, tokens, uids, skip, None if skip else raw_counts])
+            available += len(uids) - skip
             while available >= b:
                 parts, need = [], b
                 while need:
@@ -630,10 +618,51 @@ class StreamData:
                     counts.merge(held.popleft()[5] or {})
                 resume = (held[0][0], held[0][4]) if held else (r + 1, 0)
                 one = len(parts) == 1
-                yield Batch(parts[0][0] if one else torch.cat([p[0] for p in parts]),
-                            parts[0][1] if one else torch.cat([p[1] for p in parts]),
-                            [u for p in parts for u in p[2]], counts.as_dict(), resume=resume)
+                batch = Batch(parts[0][0] if one else torch.cat([p[0] for p in parts]),
+                              parts[0][1] if one else torch.cat([p[1] for p in parts]),
+                              [u for p in parts for u in p[2]], counts.as_dict(), resume=resume)
+                _finish(self.device)  # the copies are done before their sources can be freed and reused
+                yield batch
                 counts = Counts()
+
+    def _decoded_raw(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], dict[str, Any]]]:
+        """The raw batches from number `first` on, decoded in order by `decode_threads` threads at
+        once, each on a CUDA stream of its own on cuda (nvJPEG's batched decode does part of its work
+        on the calling CPU thread): (images, tokens on the device, uids, counts), undecodable rows out."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        size, local = self.args["size"], threading.local()
+
+        def decode(raw: Batch):
+            if self.device.type == "cuda" and not hasattr(local, "stream"):
+                local.stream = torch.cuda.Stream(self.device)
+            t0 = time.perf_counter()
+            with torch.cuda.stream(local.stream) if self.device.type == "cuda" else contextlib.nullcontext():
+                images, ok = raw.encoded.decode(size, self.device)
+                keep = torch.tensor(ok, dtype=torch.bool)
+                tokens = raw.tokens[keep].to(self.device, non_blocking=True)
+                _finish(self.device)
+            counts = Counts()
+            counts.merge(raw.counts)
+            if not all(ok):  # the worker counted these as kept; they are not
+                bad = len(ok) - int(keep.sum())
+                counts.drop(shards.CORRUPT_IMAGE, bad)
+                counts.keep(-bad)
+            return images, tokens, [u for u, k in zip(raw.uids, ok) if k], counts.as_dict(), time.perf_counter() - t0
+
+        pending: deque = deque()
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="clipsift-decode") as pool:
+            try:
+                for raw in self._loader(first):
+                    pending.append(pool.submit(decode, raw))
+                    if len(pending) < self.decode_threads:
+                        continue
+                    *out, seconds = pending.popleft().result()
+                    self.decode_seconds += seconds
+                    yield tuple(out)
+            finally:
+                for f in pending:
+                    f.cancel()
 
     def stats(self) -> dict[str, Any]:
         # Counted per read: a shard read in three passes counts its records three times.
