@@ -33,7 +33,7 @@ each step / loop time), the decode thread's time a batch, the ceiling's step tim
     python benchmarks/train.py --cases world,datacomp,tiny --world runs/bench/world-gpu --make-world \\
         --preset gpu --modes memory,stream-cpu,stream-device [--quick] --out $OUT/train.json
 
---make-world generates --world (a 64-px world: 120k pool pairs in 24 shards; --quick: 30k in 15)
+--make-world generates --world (a 64-px world: 96k pool pairs in 24 shards; --quick: 30k in 15)
 when it is missing; DataComp-like shards go to --data (default runs/bench/datacomp-like-N).
 --quick: about 2 minutes on a GPU machine once the data exist (fewer steps, one repeat, no +graphs).
 Writes benchmarks/results/train.json (or --out).
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.world:
             p.error("the world and tiny cases need --world")
         if args.make_world:
-            make_world(Path(args.world), *((30_000, 2_000) if args.quick else (120_000, 5_000)))
+            make_world(Path(args.world), *((30_000, 2_000) if args.quick else (96_000, 4_000)))
         shards_dir = Path(args.world) / "pool" / "shards"
         if "world" in cases:
             sources["world"] = (args.preset, shards_dir, args.modes.split(","))

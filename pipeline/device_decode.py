@@ -61,6 +61,12 @@ def decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torc
 
     if not encoded:
         return []
+    if device.type == "cuda":
+        # torchvision's CUDA decoder takes its output memory on the caller's stream but writes it on
+        # a private stream that does not wait for the caller's: a block freed while queued kernels
+        # still read it can be overwritten early (pytorch/vision#9606, seen on H100). Nothing queued,
+        # nothing to overwrite.
+        torch.cuda.current_stream(device).synchronize()
     try:
         return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:  # one bad file fails the whole batch: find it one by one
