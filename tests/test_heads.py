@@ -224,3 +224,16 @@ def test_linear_classifier_scores_rows_like_the_high_quality_set_higher(tmp_path
     assert res.fits["linear_classifier"]["negatives"] == 200
     with pytest.raises(ConfigError, match="positives"):
         build(FilterSpec(kind="linear_classifier", args={"model": "b32"}), ctx)
+
+
+def test_a_run_saved_before_an_option_existed_is_not_stale():
+    """`init` (the DFN-style fine-tune's option) is newer than many saved reference runs: a saved
+    config without it must still match a current one at its default, and differ from a set one."""
+    from clipsift.config import to_dict
+    from clipsift.training.config import TrainConfig, config_differences
+
+    current = to_dict(TrainConfig())
+    saved = {k: v for k, v in current.items() if k != "init"}
+    assert config_differences(saved, current) == []
+    assert config_differences(saved, {**current, "init": "runs/b32"}) == ["init"]
+    assert config_differences({**saved, "lr": 1.0}, current) == ["lr"]

@@ -79,9 +79,15 @@ RESUME_FREE_KEYS = frozenset(
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The keys (dotted) whose values differ and that would change what is learned."""
+    """The keys (dotted) whose values differ and that would change what is learned. A key one side
+    lacks (a config saved before the key existed) counts as its default, so adding an option does
+    not make every earlier run stale."""
+    from clipsift.config import to_dict
+
+    default = flat_config(to_dict(TrainConfig()))
     a, b = flat_config(saved), flat_config(current)
-    return sorted(k for k in set(a) | set(b) if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k))
+    return sorted(k for k in set(a) | set(b)
+                  if k not in RESUME_FREE_KEYS and a.get(k, default.get(k)) != b.get(k, default.get(k)))
 
 
 def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
