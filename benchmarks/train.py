@@ -261,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         for case, (preset, shards_dir, modes) in sources.items():
             steps = args.steps * (2 if case == "tiny" else 1)
             base = [f"data.shards={shards_dir}", "progress=false", "checkpoint_every=1000000",
-                    f"log_every={max(steps // 10, 1)}", *(["data.shuffle_buffer=1024"] if case == "datacomp" else []),
+                    f"log_every={max(steps // 10, 1)}",
+                    # a 1024-sample buffer: DataComp-sized workers start in seconds, not a minute
+                    *(["data.shuffle_buffer=1024"] if case == "datacomp" else []),
+                    # tiny's 2 workers would take most of the case decoding its memory-mode pool
+                    *([f"data.workers={max(1, (os.cpu_count() or 2) - 1)}"] if case == "tiny" else []),
                     *args.overrides]
             # One thread count for every run (the default adapts to the machine at that moment).
             threads = config.load(TrainConfig, config.preset_path("train", preset), base).threads or default_threads()
