@@ -225,7 +225,7 @@ def bench_reshard(world: Path, repeats: int) -> dict:
                 secs.append(time.perf_counter() - t0)
             n = stats["meta"]["written_samples"]
             med = statistics.median(secs)
-            out[f"workers_{workers}"] = {"samples": n, "input_samples": len(uids), "decode_check": "draft",
+            out[f"workers_{workers}"] = {"samples": n, "input_samples": len(uids), "decode_check": "quick",
                                          "seconds": [round(s, 2) for s in secs], "median_s": round(med, 2),
                                          "samples_per_s": round(n / med)}
             print(f"reshard workers={workers} {out[f'workers_{workers}']['samples_per_s']:>10,} samples/s", flush=True)

@@ -3,9 +3,9 @@
 Two passes, both parallel and both resumable:
 
 1. scan (one task per input shard): read the shard with clipsift.shards.read_shard, list the
-   samples whose uid is in the subset with the number of times the subset repeats it, and decode
-   each selected image (decode_check) so undecodable ones are dropped and counted by reason, not
-   written. Results are saved per input shard under out/scan/, so a rerun only scans what is missing.
+   samples whose uid is in the subset with the number of times the subset repeats it, and check
+   each selected image (decode_check: header and end marker by default, or a decode) so unusable
+   ones are dropped and counted by reason, not written. Results are saved per input shard under out/scan/, so a rerun only scans what is missing.
 2. write (one task per output shard): the scanned selections, in input-shard then tar order, each
    sample written once per repeat, are cut into consecutive output shards of `samples_per_shard`.
    Each output shard reads only the input shards it draws from and is written with ShardWriter
@@ -57,10 +57,11 @@ class ReshardConfig:
     workers: int = 2  # processes; the output does not depend on it
     on_missing_stats: Literal["error", "skip"] = "error"
     on_unreadable_shard: Literal["error", "skip"] = "error"
-    # Decode every selected image before writing it: "draft" decodes JPEGs at 1/8 scale (reads every
-    # byte, so truncation and corrupt data show, at a fraction of a full decode), "full" decodes at
-    # full size, "off" writes images unchecked (as DataComp's resharder does).
-    decode_check: Literal["draft", "full", "off"] = "draft"
+    # Check every selected image before writing it; failures are dropped and counted by reason.
+    # "quick": header parsed and end-of-image marker present (catches cut-off files, ~30 us a sample);
+    # "draft": JPEGs decoded at 1/8 scale (~1.5 ms a 512x384 JPEG here); "full": a full decode
+    # (~1.9 ms); "off": written unchecked, as DataComp's resharder does.
+    decode_check: Literal["quick", "draft", "full", "off"] = "quick"
 
 
 # ---------------------------------------------------------------- subset lookup
@@ -79,12 +80,30 @@ def repeats_in_subset(subset: np.ndarray, uids: list[str]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- pass 1: scan
+# What a complete image ends with; a cut-off file (the usual failure) lacks it.
+_END_MARKERS = {"JPEG": (b"\xff\xd9", "JPEG end-of-image marker"), "PNG": (b"IEND\xaeB`\x82", "PNG IEND chunk")}
+
+
+def _end_problem(fmt: str | None, image: bytes) -> str:
+    if fmt in _END_MARKERS:
+        marker, what = _END_MARKERS[fmt]
+        if marker not in image[-(len(marker) + 32):]:  # a few bytes of trailing padding are fine
+            return f"truncated: no {what} at the end"
+    if fmt == "WEBP" and int.from_bytes(image[4:8], "little") + 8 > len(image):
+        return "truncated: shorter than its RIFF size"
+    return ""
+
+
 def decode_problem(image: bytes, mode: str) -> str:
-    """Why PIL cannot decode the image ("" if it can): the check behind decode_check."""
+    """Why the image is not usable ("" if it is), by the decode_check mode: "quick" parses the header
+    and checks the end-of-image marker (microseconds), "draft" decodes JPEGs at 1/8 scale, "full"
+    decodes fully."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(image)) as img:
+            if mode == "quick":
+                return _end_problem(img.format, image)
             if mode == "draft":
                 img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))  # JPEG only
             img.load()
@@ -98,7 +117,7 @@ def _problem_kind(detail: str) -> str:
     return re.sub(r"\d+", "N", detail)[:120]
 
 
-def scan_shard(path: str, subset_path: str, decode_check: str = "draft") -> dict[str, Any]:
+def scan_shard(path: str, subset_path: str, decode_check: str = "quick") -> dict[str, Any]:
     """Selected samples of one input shard: [(key, uid, repeats)] plus per-reason skip counts."""
     subset = formats.read_subset(subset_path)
     counts = Counts()

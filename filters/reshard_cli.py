@@ -5,9 +5,10 @@
 Each subset uid is written once per repeat (keys f"{uid}-{j}"), in input order, into shards of
 samples_per_shard (default 10,000) with their _stats.json, plus sample_ids.npy (the subset file,
 sorted u8,u8, as DataComp's resharder writes it), written_ids.npy (the uid of every written sample,
-in output order), meta.json, stats.json and config.yaml. Images that do not decode are dropped and
-counted by reason (decode_check=draft by default; full, or off as DataComp). A uid found in several
-input samples is written for every copy, as DataComp does, and counted (duplicate_uid_copies).
+in output order), meta.json, stats.json and config.yaml. Unusable images are dropped and counted by
+reason (decode_check=quick by default: header and end-of-image marker; draft or full decodes; off
+as DataComp). A uid found in several input samples is written for every copy, as DataComp does,
+and counted (duplicate_uid_copies).
 Parallel over shards (workers=N) and resumable: rerun the same command after an interruption; only
 shards this run finished (out/done/ markers) are kept. `out` must be a new or empty folder (or this
 run's) outside the input folder. Input shards without a stats file, or unreadable, stop the run

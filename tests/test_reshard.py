@@ -153,3 +153,26 @@ def test_duplicate_input_uids_keep_every_copy(ci_world, subset, tmp_path):
     assert len(set(keys)) == len(keys)  # keys stay unique: j runs over every copy of the uid
     assert stats["meta"]["duplicate_uid_copies"] == len(copied)
     assert stats["meta"]["unique_uids_written"] == len(subset["reps"])
+
+
+def test_decode_check_modes_name_what_is_wrong():
+    import io
+
+    from PIL import Image
+
+    from clipsift.filters.reshard import decode_problem
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "PNG")
+    png = buf.getvalue()
+    for mode in ("quick", "draft", "full"):
+        assert decode_problem(jpeg, mode) == "" and decode_problem(png, mode) == ""
+        assert decode_problem(jpeg[: len(jpeg) // 2], mode)  # cut off: every mode catches it
+        assert decode_problem(png[: len(png) // 2], mode)
+        assert "UnidentifiedImageError" in decode_problem(b"not an image at all", mode)
+    assert "no JPEG end-of-image marker" in decode_problem(jpeg[:-2], "quick")
+    # a PNG cut inside its last chunks still decodes; its missing IEND chunk shows
+    assert decode_problem(png[:-20], "full") == "" and "no PNG IEND chunk" in decode_problem(png[:-20], "quick")
