@@ -476,3 +476,44 @@ def test_image_decode_auto_decodes_on_the_device_only_on_cuda():
     assert resolve_image_decode("cpu", torch.device("cuda", 0)) == "cpu"
     with pytest.raises(ValueError, match="data.image_decode"):
         resolve_image_decode("gpu", None)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU machine)")
+
+
+@CUDA
+def test_cuda_steps_never_wait_for_the_gpu(tmp_path):
+    """Between log rows a step queues work and returns: any host sync inside it raises here."""
+    from clipsift.training.loop import Stepper
+
+    cfg = make_cfg(tmp_path / "run", "device=cuda", "batch_size=64")
+    device = torch.device("cuda", 0)
+    stepper = Stepper(cfg, device)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=device)
+    tokens = open_clip.get_tokenizer("world-rn-s")([f"a red square {i}" for i in range(64)]).to(device)
+    stepper.step(images, tokens, 1e-3)  # first step: lazy initialisation may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            loss = stepper.step(images, tokens, 1e-3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item()
+
+
+@CUDA
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
+def test_cuda_decoded_stream_matches_the_cpu_path_within_rounding(ci_world):
+    """nvJPEG on the GPU: the same samples in the same order as image_decode=cpu, pixels within
+    rounding (a different IDCT)."""
+    paths = find_shards(ci_world / "pool" / "shards")
+    cpu, _, _ = _stream_batches(paths, 24, 20, "cpu")
+    data = StreamData(paths, 24, "world-rn-s", None, batch_size=48, seed=5, workers=2, shuffle_buffer=64,
+                      image_decode="device", device=torch.device("cuda", 0))
+    batches = data.batches(0)
+    for a in cpu:
+        b = next(batches)
+        assert b.images.device.type == "cuda" and a.uids == b.uids
+        diff = (a.images.int() - b.images.cpu().int()).abs().float()
+        assert diff.mean() < 2.0 and diff.max() < 64, (diff.mean(), diff.max())
+    batches.close()
