@@ -122,8 +122,12 @@ def test_missing_stats_and_unreadable_shards_are_loud_or_reported(ci_world, subs
     assert stats["counts"]["dropped"]["unreadable_shard"] == 1
 
 
-def test_out_folder_overlapping_inputs_or_holding_other_tars_is_refused(ci_world, subset, tmp_path):
+def test_out_folder_overlapping_inputs_or_holding_other_tars_is_refused(ci_world, subset, tmp_path, capsys):
     shards = ci_world / "pool" / "shards"
+    capsys.readouterr()
+    assert cli.main(["reshard", f"shards={shards}", f"subset={subset['path']}", f"out={shards}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "overlaps the input shard folder" in err[0], err  # one line, no traceback
     for out in (shards, shards / "sub", shards.parent):
         with pytest.raises(config.ConfigError, match="overlaps the input shard folder"):
             reshard(ReshardConfig(shards=str(shards), subset=str(subset["path"]), out=str(out)), log=lambda s: None)
