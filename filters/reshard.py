@@ -37,7 +37,7 @@ import numpy as np
 from clipsift import formats
 from clipsift import config
 from clipsift.runlog import Counts, Timer, atomic_path, read_json, write_json
-from clipsift.shards import (CORRUPT_IMAGE, UNREADABLE_SHARD, Sample, ShardWriter, Skip, describe_error,
+from clipsift.shards import (CORRUPT_IMAGE, SIZES_FILE, UNREADABLE_SHARD, Sample, ShardWriter, Skip, describe_error,
                              read_shard, read_stats)
 
 NOT_IN_SUBSET = "not_in_subset"
@@ -339,6 +339,10 @@ def reshard(cfg: ReshardConfig, log=print) -> dict[str, Any]:
         "subset_uids_not_found": int(len(not_found)),
     }
     write_json(out / "meta.json", meta)
+    # sizes.json: open_clip_train's loader reads a folder's sample count from it (every written
+    # sample has a caption and an image, so it is each shard's share of the plan).
+    write_json(out / SIZES_FILE, {formats.shard_name(o): min(cfg.samples_per_shard, len(plan) - o * cfg.samples_per_shard)
+                                  for o in range(n_out)})
     stats = {"counts": counts.as_dict(), "corrupt_images": corrupt, "meta": meta, "seconds": timer.as_dict(),
              "config": asdict(cfg), "output_shards_written_this_run": len(jobs),
              "input_shards_scanned_this_run": len(todo)}

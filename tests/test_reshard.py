@@ -11,7 +11,7 @@ import pytest
 from clipsift import cli, config, formats
 from clipsift.filters.reshard import ReshardConfig, ReshardError, reshard
 from clipsift.runlog import read_json
-from clipsift.shards import BAD_JSON, CORRUPT_IMAGE, MISSING_TEXT, Sample, read_shard
+from clipsift.shards import BAD_JSON, CORRUPT_IMAGE, MISSING_TEXT, SIZES_FILE, Sample, read_shard, write_sizes_json
 from clipsift.world.generate import load_ground_truth
 
 
@@ -78,6 +78,9 @@ def test_reshard_writes_each_uid_once_per_repeat(ci_world, subset, tmp_path):
     assert sum(stats["corrupt_images"].values()) == len(subset["truncated"])
     assert all("truncated" in k.lower() for k in stats["corrupt_images"]), stats["corrupt_images"]
     assert meta["duplicate_uid_copies"] == 0
+    # sizes.json (open_clip_train's sample count) is what a reader of the written shards counts.
+    sizes = read_json(out / SIZES_FILE)
+    assert sizes == write_sizes_json(out) and sum(sizes.values()) == total
 
 
 def test_reshard_resumes_to_identical_output(ci_world, subset, tmp_path):
