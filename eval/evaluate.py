@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from clipsift import config
+from clipsift.config import Count, Natural
 from clipsift.eval import metrics as M
 from clipsift.eval.data import TaskShards, task_loader
 from clipsift.eval.models import LoadedModel, ModelSpec, load_model, weights_id
@@ -45,8 +46,8 @@ class EvalConfig:
     tasks: str = ""  # tasks.yaml (DataComp-style task list; paths relative to its folder)
     out: str = ""  # output folder for eval_results.jsonl, eval_summary.json, config.yaml, stats.json
     only: list[str] = field(default_factory=list)  # evaluate just these task names (default: all)
-    batch_size: int = 64
-    num_workers: int = 0  # DataLoader processes decoding images (0: in the main process)
+    batch_size: Count = 64
+    num_workers: Natural = 0  # DataLoader processes decoding images (0: in the main process)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     precision: Literal["auto", "fp32", "amp_bf16"] = "auto"  # auto: amp_bf16 on cuda, fp32 on cpu
     seed: int = 0  # seeds torch before the model is built (matters for a random init)
@@ -62,8 +63,7 @@ def evaluate(model: ModelSpec, tasks: str | Path, out: str | Path, **options: An
 def run(cfg: EvalConfig) -> dict[str, Any]:
     if not cfg.tasks or not cfg.out:
         raise config.ConfigError("eval needs tasks=<tasks.yaml> and out=<folder>")
-    if cfg.batch_size < 1 or cfg.num_workers < 0:
-        raise config.ConfigError(f"batch_size must be >= 1 and num_workers >= 0 (got {cfg.batch_size}, {cfg.num_workers})")
+    config.check(cfg)  # sizes in range, for configs built in Python too
     out = Path(cfg.out)
     timer = Timer()
     device = resolve_device(cfg.device)

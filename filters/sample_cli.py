@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipsift import config
+from clipsift.config import Count, Fraction, Natural, NonNegative
 from clipsift.formats import _UID_RE  # the one uid pattern, applied in pyarrow (no Python loop)
 from clipsift.runlog import Counts, Timer, write_json
 
@@ -30,15 +31,15 @@ class SampleConfig:
     metadata: str = ""  # a folder of DataComp metadata .parquet files, or a glob of them
     score: str = "clip_b32_similarity_score"  # the column to sample by (higher = better)
     method: Literal["scs", "hcs", "top_fraction", "threshold"] = "scs"
-    alpha: float = sampling.DEFAULT_ALPHA  # scs: logit decrease per draw
-    batch_size: int = 0  # scs: distinct draws per round; 0 = scaled to the rows as FLYT's 100k to 128M
-    total: int = 0  # scs/hcs: draws to make; 0 = number of sampled rows (DataComp: samples seen = pool size)
-    fraction: float = 0.3  # top_fraction: scores >= the one at rank int(fraction * rows), ties kept (DataComp)
+    alpha: NonNegative = sampling.DEFAULT_ALPHA  # scs: logit decrease per draw
+    batch_size: Natural = 0  # scs: distinct draws per round; 0 = scaled to the rows as FLYT's 100k to 128M
+    total: Natural = 0  # scs/hcs: draws to make; 0 = number of sampled rows (DataComp: samples seen = pool size)
+    fraction: Fraction = 0.3  # top_fraction: scores >= the one at rank int(fraction * rows), ties kept (DataComp)
     threshold: Optional[float] = None  # threshold: keep score >= threshold
-    cap: int = 0  # hcs: at most this many draws per example (required for hcs)
+    cap: Natural = 0  # hcs: at most this many draws per example (required for hcs)
     seed: int = 0
     out: str = ""  # the subset file to write (.npy)
-    block_size: int = sampling.DEFAULT_BLOCK_SIZE  # scs: items per block (speed only)
+    block_size: Count = sampling.DEFAULT_BLOCK_SIZE  # scs: items per block (speed only)
     progress: bool = True  # scs: a progress bar over rounds on stderr
 
 
@@ -141,10 +142,7 @@ def _check(cfg: SampleConfig) -> None:
         raise config.ConfigError("metadata: set a folder or glob of metadata parquet files")
     if not cfg.out.endswith(".npy"):
         raise config.ConfigError(f"out: a subset is a .npy file, got {cfg.out!r}")
-    if cfg.batch_size < 0:
-        raise config.ConfigError(f"batch_size: must be >= 0 (0 = scaled to the pool), got {cfg.batch_size}")
-    if cfg.total < 0:
-        raise config.ConfigError(f"total: must be >= 0 (0 = number of rows), got {cfg.total}")
+    config.check(cfg)  # sizes in range (batch_size, total, ...), for configs built in Python too
     if cfg.method == "hcs" and cfg.cap < 1:
         raise config.ConfigError("cap: hard cap sampling needs cap >= 1")
     if cfg.method == "threshold" and cfg.threshold is None:

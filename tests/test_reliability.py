@@ -180,6 +180,8 @@ def test_score_counts_nonfinite_embeddings_and_names_a_bad_uid(ci_world, tmp_pat
     (["filter", "-p", "basic", "batch_size=0"], "batch_size"),
     (["flyt", "-p", "ci", "steps=0"], "steps"),
     (["mflyt", "-p", "ci", "mixer.lr=0"], "mixer.lr"),
+    (["sample", "-p", "scs", "total=-1"], "total"),
+    (["eval", "batch_size=0"], "batch_size"),
 ])
 def test_every_size_is_checked_when_the_config_loads(argv, key, tmp_path, capsys):
     line = fails(capsys, *argv, f"out={tmp_path / 'o'}")
