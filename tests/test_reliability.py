@@ -84,6 +84,21 @@ def test_train_counts_a_bad_uid_and_never_drops_its_shard(ci_world, tmp_path, ca
     assert records == {"seen": 29, "kept": 28, "dropped": {shards.NO_UID: 1}}
 
 
+def test_reshard_counts_a_bad_uid_and_writes_every_subset_sample(ci_world, tmp_path):
+    """Once a StopIteration ended reshard's scan map early ("missing scan file")."""
+    pool = ci_world / "pool" / "shards" / "00000000.tar"
+    data = tmp_path / "shards"
+    uids = copy_records(pool, data, 0, 0, 10) + copy_records(pool, data, 1, 10, 10, bad_uid_at=2)
+    subset = tmp_path / "subset.npy"
+    formats.write_subset(subset, [u for u in uids if formats.is_uid(u)])
+    out = tmp_path / "out"
+    assert cli.main(["reshard", f"shards={data}", f"subset={subset}", f"out={out}", "workers=2"]) == 0
+    stats = read_json(out / "stats.json")
+    assert stats["counts"]["dropped"].get(shards.NO_UID) == 1
+    written = [r.uid for t in formats.list_shards(out) for r in shards.read_shard(t) if isinstance(r, shards.Sample)]
+    assert sorted(written) == sorted(u for u in uids if formats.is_uid(u))
+
+
 def test_filter_names_the_file_and_row_of_a_bad_uid(ci_world, tmp_path, capsys):
     meta = tmp_path / "metadata"
     meta.mkdir()
