@@ -151,6 +151,7 @@ def test_finished_runs_are_not_run_again_and_the_report_aggregates_seeds(ci_worl
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two FLYT scorers, a retrained one and four training runs on 2 shared cores
 def test_compare_end_to_end_on_the_ci_world(ci_world, tmp_path):
     """World -> reference CLIPs -> pipeline -> FLYT (one scorer per seed) -> subsets -> training ->
     eval -> report, for real."""
