@@ -67,9 +67,8 @@ Example: clipsift sample -p scs metadata=runs/scores score=flyt_score out=runs/s
 def main(cfg: SampleConfig, args=None) -> int:
     try:
         stats = run(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad input or config: say what, no traceback
-        print(f"clipsift sample: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # the sampler's checks of its input: a user error, printed by clipsift.cli
+        raise config.ConfigError(str(e)) from e
     print(f"{cfg.method}: {stats['total']} samples, {stats['unique']} unique of {stats['pool']} rows "
           f"-> {cfg.out}")
     return 0

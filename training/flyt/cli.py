@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 from clipsift.config import ConfigError
 from clipsift.training.flyt.config import FlytConfig, MFlytConfig
@@ -33,8 +32,6 @@ example: clipsift flyt -p ci world=runs/world/ci metadata=runs/pipeline/ci/metad
 
 
 def main(cfg, args: argparse.Namespace) -> int:
-    from clipsift.eval.models import ModelError
-    from clipsift.eval.tasks import TaskError
     from clipsift.training.flyt.train import run
 
     if not logging.getLogger().handlers:
@@ -43,9 +40,8 @@ def main(cfg, args: argparse.Namespace) -> int:
     command = "mflyt" if isinstance(cfg, MFlytConfig) else "flyt"
     try:
         out = run(cfg)
-    except (ConfigError, TaskError, ModelError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"clipsift {command}: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # FLYT's checks of its inputs: a user error, printed by clipsift.cli
+        raise ConfigError(str(e)) from e
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     stats = json.loads((out / "stats.json").read_text())
