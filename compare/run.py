@@ -191,7 +191,7 @@ class Compare:
 
             ffolder = self.out / "subsets" / strategy.name / "filter"
             if not (ffolder / "stats.json").is_file():
-                needs_down = _uses(strategy.filter, ("image_based", "normsim"))
+                needs_down = _uses(strategy.filter, ("image_based_world", "normsim"))
                 concepts = str(self.world) if _uses(strategy.filter, ("text_based_world",)) else ""
                 down = DownstreamConfig(embeddings=str(self.downstream) if needs_down else "", concepts=concepts)
                 run(FilterRunConfig(metadata=str(self.metadata), out=str(ffolder), filter=strategy.filter,

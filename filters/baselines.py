@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import yaml
@@ -35,22 +35,36 @@ LangName = Literal["fasttext", "cld3", "py3langid"]
 
 
 # ---------------------------------------------------------------- caption and size rules
-def texts(batch: Batch) -> list[str]:
-    return ["" if t is None else t for t in batch.column("text")]
-
-
 def has_text(batch: Batch) -> np.ndarray:
-    return np.fromiter((t is not None for t in batch.column("text")), dtype=bool, count=len(batch))
+    # str != None is True, None != None False; compared in C, no Python call per caption
+    return batch.derived("has_text", lambda: np.not_equal(batch.column("text"), None).astype(bool))
+
+
+def texts(batch: Batch) -> list[str]:
+    """The captions, "" for a missing one (dropped by missing_text; the other rules need a str)."""
+    def compute() -> list[str]:
+        col = batch.column("text")
+        return col.tolist() if has_text(batch).all() else ["" if t is None else t for t in col]
+    return batch.derived("texts", compute)
 
 
 def word_counts(batch: Batch) -> np.ndarray:
-    return batch.derived("words", lambda: np.fromiter((len(t.split()) for t in texts(batch)), dtype=np.int64,
+    return batch.derived("words", lambda: np.fromiter(map(len, map(str.split, texts(batch))), dtype=np.int64,
                                                       count=len(batch)))
+
+
+# fastText's readWord separators; each newline is also a token of its own (the end-of-sentence "</s>").
+_FASTTEXT_TOKEN = re.compile("[^ \n\r\t\v\f\x00]+")
+
+
+def fasttext_token_counts(batch: Batch) -> np.ndarray:
+    """len(fasttext.tokenize(text)), DataComp's word count in image_based's caption filter."""
+    return batch.derived("fasttext_tokens", lambda: np.fromiter(
+        (len(_FASTTEXT_TOKEN.findall(t)) + t.count("\n") for t in texts(batch)), dtype=np.int64, count=len(batch)))
 
 
 def char_counts(batch: Batch) -> np.ndarray:
-    return batch.derived("chars", lambda: np.fromiter((len(t) for t in texts(batch)), dtype=np.int64,
-                                                      count=len(batch)))
+    return batch.derived("chars", lambda: np.fromiter(map(len, texts(batch)), dtype=np.int64, count=len(batch)))
 
 
 def english_rule(filt: Filter, batch: Batch) -> tuple[str, Any]:
@@ -59,9 +73,10 @@ def english_rule(filt: Filter, batch: Batch) -> tuple[str, Any]:
     return ("not_english", lambda keep: filt.ctx.lang.english(batch, backend, np.flatnonzero(keep)))
 
 
-def caption_rules(filt: Filter, batch: Batch, min_words: int, min_chars: int, english: bool) -> list[tuple[str, Any]]:
+def caption_rules(filt: Filter, batch: Batch, min_words: int, min_chars: int, english: bool,
+                  words: Callable[[Batch], np.ndarray] = word_counts) -> list[tuple[str, Any]]:
     rules: list[tuple[str, Any]] = [("missing_text", has_text(batch)),
-                                    ("too_few_words", word_counts(batch) >= min_words),
+                                    ("too_few_words", words(batch) >= min_words),
                                     ("too_short", char_counts(batch) >= min_chars)]
     return rules + [english_rule(filt, batch)] if english else rules
 

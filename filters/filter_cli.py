@@ -6,14 +6,14 @@ config.yaml (the resolved config), scores.parquet (uid + scores computed by filt
 normsim, when any) and work/ (resumable state of pool-level filters such as semdedup).
 
     clipsift filter -p basic metadata=WORLD/pool/metadata out=runs/basic
-    clipsift filter -p image_based_clip_l14_30 metadata=M out=O downstream.embeddings=train.npy
+    clipsift filter -p image_based_world_clip_l14_30 metadata=M out=O downstream.embeddings=train.npy
     clipsift filter -p text_based metadata=M out=O
     clipsift filter -p text_based_world metadata=M out=O downstream.concepts=WORLD
     clipsift filter filter.kind=clip_score filter.args.column=b32 filter.args.threshold=0.3 ...
 
 Filter kinds: no_filter, english, basic, clip_score, laion2b, text_based, text_based_world,
-image_based, normsim, semdedup, negclip, linear_classifier (the last two are M-FLYT inputs:
-docs/flyt.md); `all` / `any` groups combine them (filter.of: [...]). Language id:
+image_based (DataComp's files), image_based_world, normsim, semdedup, negclip, linear_classifier
+(the last two are M-FLYT inputs: docs/flyt.md); `all` / `any` groups combine them (filter.of: [...]). Language id:
 each filter's DataComp identifier (fastText lid.176, cld3 for laion2b; docs/datacomp.md);
 lang.fasttext_model=lid.176.bin for DataComp's full model, lang.backend=py3langid to force one.
 """
@@ -41,7 +41,7 @@ HELP = __doc__
 
 @dataclass
 class DownstreamConfig:
-    embeddings: str = ""  # .npy of downstream training-image embeddings (image_based, normsim)
+    embeddings: str = ""  # .npy of downstream training-image embeddings (image_based_world, normsim)
     concepts: str = ""  # class names for text_based_world: a file (one per line) or a world folder
 
 

@@ -53,20 +53,36 @@ def train(x: np.ndarray, k: int, niter: int, seed: int, spherical: bool = True) 
     return np.asarray(km.centroids, dtype=np.float32), report
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by inner product for each row of x (normalised here): (ids int64, similarity).
+def assign(x: np.ndarray, centroids: np.ndarray, batch_size: int = 65536, unit_norm: bool = True,
+           device: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by inner product for each row of x: (ids int64, similarity float32).
 
-    Exact brute force as a blocked matmul (numpy's BLAS was ~4x faster than faiss.IndexFlatIP on
-    the 2-core CPU); blocks hold at most ~16M similarities, whatever the centroid count.
+    unit_norm: rows of x scaled to unit norm first (k-means here is spherical); DataComp's
+    image_based compares the raw float32 embeddings with its centroids, so it passes False.
+    device "": exact brute force as a blocked numpy matmul (numpy's BLAS was ~4x faster than
+    faiss.IndexFlatIP on the 2-core CPU); a torch device ("cuda", "cpu"): torch.einsum on it, as
+    DataComp's get_centroid_ids_gpu does. Blocks hold at most ~16M similarities. Ties go to the
+    lowest centroid id (numpy's and torch's argmax).
     """
-    if x.shape[1] != centroids.shape[1]:
-        raise FilterError(f"embeddings of dim {x.shape[1]} vs centroids of dim {centroids.shape[1]}")
+    if x.ndim != 2 or x.shape[1] != centroids.shape[1]:
+        raise FilterError(f"embeddings of shape {x.shape} vs centroids of dim {centroids.shape[1]}")
     c = np.ascontiguousarray(centroids, dtype=np.float32)
     block = max(1, min(batch_size, (1 << 24) // len(c)))
     ids = np.empty(len(x), dtype=np.int64)
     sims = np.empty(len(x), dtype=np.float32)
+    if device:
+        import torch
+
+        ct = torch.from_numpy(c).to(device)
     for start in range(0, len(x), block):
-        s = normalize(x[start:start + block]) @ c.T
+        xb = normalize(x[start:start + block]) if unit_norm else np.asarray(x[start:start + block], np.float32)
+        if device:
+            s = torch.einsum("ik,jk->ij", torch.from_numpy(np.ascontiguousarray(xb)).to(device), ct)
+            best = s.argmax(1)  # DataComp's call
+            ids[start:start + len(xb)] = best.cpu().numpy()
+            sims[start:start + len(xb)] = s.gather(1, best[:, None])[:, 0].cpu().numpy()
+            continue
+        s = xb @ c.T
         ids[start:start + len(s)] = s.argmax(1)
         sims[start:start + len(s)] = s[np.arange(len(s)), ids[start:start + len(s)]]
     return ids, sims

@@ -20,7 +20,7 @@ def test_presets_parse_into_typed_strategies():
                      "mflyt_scs_a015", "mflyt_scs_a025"):
         assert expected in names
     combo = next(s for s in tiny.strategies if s.name == "image_based_clip_l14_top30")
-    assert combo.filter.kind == "all" and [c.kind for c in combo.filter.of] == ["image_based", "clip_score"]
+    assert combo.filter.kind == "all" and [c.kind for c in combo.filter.of] == ["image_based_world", "clip_score"]
     scs = next(s for s in tiny.strategies if s.name == "mflyt_scs_a025")
     assert scs.sample.method == "scs" and scs.sample.alpha == 0.25 and scs.filter is None
     learned = [s for s in tiny.strategies if s.learned]

@@ -12,9 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from clipsift import config, formats
 from clipsift.filters import filter_cli
+from clipsift.filters.base import FilterError
 from clipsift.filters.filter_cli import FilterRunConfig
 from clipsift.filters.lang import identifier
 from clipsift.filters.wordnet import default_in21k_file, load_wordnet, read_in21k_ids
@@ -148,3 +150,104 @@ def test_wordnet_lookup_matches_nltk_381():
     assert {w: wn.first_synset(w) for w in NLTK_381} == NLTK_381
     ids = read_in21k_ids(default_in21k_file())  # timm's file, checked against DataComp's sha256
     assert len(ids) == 21843 and 2084071 in ids  # dog, n02084071
+
+
+# ---------------------------------------------------------------- image_based with DataComp's files
+# 2-d "L/14" embeddings so every inner product can be checked by hand. Centroids are not unit norm
+# (DataComp compares raw inner products; c3 has norm 3).
+CENTROIDS = np.array([[1, 0], [0, 1], [-1, 0], [0, -3]], np.float32)
+# ImageNet images: (2, 1) -> c0 (2 vs 1, -2, -3); (-1, -0.1) -> c2 (1 vs -1, -0.1, 0.3). Targets {0, 2}.
+IMAGENET = [np.array([[2, 1]], np.float32), np.array([[-1, -0.1]], np.float32)]
+IMAGE_ROWS = [  # text, l14_img; fastText tokens / nearest centroid
+    ("a photo of a dog on the beach", (1, 0.2)),  # 0 8 tokens, en; c0 (1 vs .2, -1, -.6) -> kept
+    ("a photo of a dog on the beach", (1, -0.5)),  # 1 c3 (1.5 vs 1): dropped (unit-norm centroids: c0)
+    ("ein Hund am Strand im Sommer", (1, 0.2)),  # 2 c0 but German: dropped
+    ("two words", (-2, 0.5)),  # 3 2 tokens > 1; c2 (2 vs -2, .5, -1.5) -> kept
+    ("photograph", (1, 0)),  # 4 1 token: dropped
+    ("photograph\n", (1, 0)),  # 5 2 fastText tokens (photograph, </s>; str.split: 1); c0 -> kept
+    ("big\u3000dog", (1, 0)),  # 6 1 fastText token (U+3000 is not a fastText separator; str.split: 2)
+    ("a b c", (1, 0)),  # 7 5 characters: dropped
+    ("the letter P", (-1, 1)),  # 8 c1 and c2 tie at 1: the first id (c1, not a target) wins: dropped
+]
+IMAGE_EXPECTED = {0, 3, 5}
+IMAGE_UIDS = [f"{(i * 0x2545F4914F6CDD1D) % 2**128:032x}" for i in range(1, len(IMAGE_ROWS) + 1)]
+
+
+@pytest.fixture(scope="module")
+def image_pool(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("datacomp_image_based")
+    text, emb = zip(*IMAGE_ROWS)
+    for name, part in (("0000", slice(0, 4)), ("0001", slice(4, None))):
+        pq.write_table(pa.table({"uid": IMAGE_UIDS[part], "text": list(text[part])}), folder / f"{name}.parquet")
+        np.savez(folder / f"{name}.npz", l14_img=np.array(emb[part], np.float16))  # DataComp stores float16
+    files = tmp_path_factory.mktemp("datacomp_files")
+    torch.save(CENTROIDS, files / "small_centroids.pt")  # DataComp's format: a pickled numpy array
+    for i, e in enumerate(IMAGENET):  # DataComp's format: {"image_features": tensor}
+        torch.save({"image_features": torch.from_numpy(e).half()}, files / f"in1k_clip_vit_l14_{i}.pt")
+    np.save(files / "centroids.npy", CENTROIDS)
+    return folder, files
+
+
+def image_subset(rows: set[int]) -> np.ndarray:
+    arr = np.array([(int(IMAGE_UIDS[i][:16], 16), int(IMAGE_UIDS[i][16:], 16)) for i in rows], np.dtype("u8,u8"))
+    arr.sort()
+    return arr
+
+
+def run_image_based(pool, tmp_path, *overrides: str, preset: str = "image_based") -> tuple[np.ndarray, dict]:
+    cfg = config.load(FilterRunConfig, config.preset_path("filters", preset),
+                      [f"metadata={pool}", f"out={tmp_path}", *overrides])
+    stats = filter_cli.run(cfg, log=lambda s: None)
+    return np.load(tmp_path / "subset.npy"), stats
+
+
+def test_image_based_with_datacomp_files_keeps_the_hand_computed_uids(image_pool, tmp_path):
+    pool, files = image_pool
+    assert identifier("fasttext").predict([r[0] for r in IMAGE_ROWS]).tolist() == \
+        ["en", "en", "de", "en", "en", "en", "en", "en", "en"]
+    imagenet = f"filter.args.imagenet_embeddings=[{files}/in1k_clip_vit_l14_0.pt, {files}/in1k_clip_vit_l14_1.pt]"
+    got, stats = run_image_based(pool, tmp_path / "a", f"filter.args.centroids={files}/small_centroids.pt", imagenet)
+    assert got.tobytes() == image_subset(IMAGE_EXPECTED).tobytes()
+    fit = stats["filters"]["image_based"]["fit"]
+    assert (fit["centroids"], fit["imagenet_images"], fit["target_centroid_ids"]) == (4, 2, 2)
+    assert stats["filters"]["image_based"]["counts"]["dropped"] == {
+        "not_english": 1, "too_few_words": 2, "too_short": 1, "not_imagenet_centroid": 2}
+    saved = np.load(fit["target_centroids_saved"])
+    assert saved.tolist() == [0, 2]
+    # the saved ids, a .npy of centroids, and torch's einsum (device=cpu) give the same subset
+    got, _ = run_image_based(pool, tmp_path / "b", f"filter.args.centroids={files}/centroids.npy",
+                             f"filter.args.target_centroids={fit['target_centroids_saved']}", "filter.args.device=cpu")
+    assert got.tobytes() == image_subset(IMAGE_EXPECTED).tobytes()
+
+
+def test_image_based_intersect_clip_score_preset_takes_the_files(image_pool, tmp_path):
+    pool, files = image_pool
+    of = (f"filter.of=[{{kind: image_based, args: {{centroids: {files}/centroids.npy, "
+          f"imagenet_embeddings: [{files}/in1k_clip_vit_l14_0.pt, {files}/in1k_clip_vit_l14_1.pt]}}}}, "
+          f"{{kind: no_filter}}]")
+    got, _ = run_image_based(pool, tmp_path, of, preset="image_based_clip_l14_30")
+    assert got.tobytes() == image_subset(IMAGE_EXPECTED).tobytes()
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (None, "{imagenet_embeddings: [X/in1k_clip_vit_l14_0.pt]}", "needs DataComp's centroids"),
+    (None, "{centroids: X/centroids.npy}", "exactly one of imagenet_embeddings"),
+    (lambda d: np.save(d / "c1.npy", np.zeros(4, np.float32)), "{centroids: X/c1.npy, target_centroids: X/ids.npy}",
+     r"c1.npy: shape \(4,\) dtype float32; expected a float array of shape \(n > 0, d\)"),
+    (lambda d: np.save(d / "ids.npy", np.array([0, 4])), "{centroids: X/centroids.npy, target_centroids: X/ids.npy}",
+     r"ids.npy: shape \(2,\) dtype int64; expected a 1-D integer array of ids in \[0, 4\)"),
+    (lambda d: np.save(d / "in3.npy", np.zeros((5, 3), np.float32)),
+     "{centroids: X/centroids.npy, imagenet_embeddings: [X/in3.npy]}", r"shape \(5, 3\) .* \(n > 0, 2\)"),
+    (lambda d: torch.save({"features": torch.zeros(2, 2)}, d / "in_bad.pt"),
+     "{centroids: X/centroids.npy, imagenet_embeddings: [X/in_bad.pt]}", "no 'image_features' in it"),
+    (lambda d: np.save(d / "c3.npy", np.zeros((4, 3), np.float32)), "{centroids: X/c3.npy, target_centroids: X/ids0.npy}",
+     r"pool embedding 'l14_img' has shape \(4, 2\); DataComp's centroids .*c3.npy have dim 3"),
+])
+def test_image_based_bad_files_are_one_line_errors(image_pool, tmp_path, make, args, message):
+    pool, files = image_pool
+    np.save(files / "ids0.npy", np.array([0]))
+    if make is not None:
+        make(files)
+    with pytest.raises(FilterError, match=message) as err:
+        run_image_based(pool, tmp_path, f"filter.args={args.replace('X', str(files))}")
+    assert "\n" not in str(err.value)

@@ -74,10 +74,10 @@ def test_bad_filter_configs_are_clear_errors(bad, message):
         build(spec(bad), ctx())
 
 
-def test_text_based_world_without_concepts_and_image_based_without_downstream_fail_clearly():
+def test_text_based_world_without_concepts_and_image_based_world_without_downstream_fail_clearly():
     with pytest.raises(FilterError, match="needs concept names"):
         build(spec({"kind": "text_based_world"}), ctx())
-    tree = build(spec({"kind": "image_based", "args": {"centroids": 2}}), ctx())
+    tree = build(spec({"kind": "image_based_world", "args": {"centroids": 2}}), ctx())
     with pytest.raises(FilterError, match="downstream training-image embeddings"):
         run_filters(tree, make_pool())
 

@@ -169,17 +169,17 @@ def image_based_plain(world, k: int) -> np.ndarray:
     return pre & np.isin((x @ c.T).argmax(1), targets)
 
 
-def test_image_based_and_intersection_match_plain_rule(world, tmp_path):
+def test_image_based_world_and_intersection_match_plain_rule(world, tmp_path):
     m = world["meta"]
     expected = image_based_plain(world, k=16)
     down = f"downstream.embeddings={world['downstream']}"
-    got, stats = run_preset(world, "image_based", tmp_path, down, "filter.args.centroids=16")
+    got, stats = run_preset(world, "image_based_world", tmp_path, down, "filter.args.centroids=16")
     assert got == uids(m, expected)
-    fit = stats["filters"]["image_based"]["fit"]
+    fit = stats["filters"]["image_based_world"]["fit"]
     assert fit["kmeans"]["trained_on_points"] == fit["caption_prefilter_passed"]  # no hidden subsampling
     assert 0 < len(got) < len(m)
     # DataComp-1B's recipe: image-based ∩ L/14 top 30%.
-    cfg = config.load(FilterRunConfig, config.preset_path("filters", "image_based_clip_l14_30"),
+    cfg = config.load(FilterRunConfig, config.preset_path("filters", "image_based_world_clip_l14_30"),
                       [f"metadata={world['metadata']}", f"out={tmp_path / 'both'}", down])
     cfg.filter.of[0].args["centroids"] = 16
     stats = filter_cli.run(cfg, log=lambda s: None)
@@ -187,15 +187,15 @@ def test_image_based_and_intersection_match_plain_rule(world, tmp_path):
     assert both == uids(m, expected & top_fraction(m.clip_l14_similarity_score.values, 0.3))
     # Each rule counted on its own, and drops attributed to the first rule that rejected the row.
     per = stats["filters"]
-    assert per["image_based"]["counts"]["kept"] == int(expected.sum())
+    assert per["image_based_world"]["counts"]["kept"] == int(expected.sum())
     assert stats["counts"]["kept"] == len(both)
     assert sum(stats["counts"]["dropped"].values()) == len(m) - len(both)
 
 
-def test_image_based_reports_subsampling(world, tmp_path):
-    _, stats = run_preset(world, "image_based", tmp_path, f"downstream.embeddings={world['downstream']}",
+def test_image_based_world_reports_subsampling(world, tmp_path):
+    _, stats = run_preset(world, "image_based_world", tmp_path, f"downstream.embeddings={world['downstream']}",
                           "filter.args={centroids: 16, max_points_per_centroid: 40}")
-    fit = stats["filters"]["image_based"]["fit"]
+    fit = stats["filters"]["image_based_world"]["fit"]
     assert fit["kmeans"]["trained_on_points"] == 16 * 40
     assert f"trained on 640 of {fit['caption_prefilter_passed']}" in fit["subsampled"]
 
