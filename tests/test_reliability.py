@@ -331,3 +331,21 @@ def test_a_bug_keeps_its_traceback(tmp_path):
     assert cli.user_error_message(TypeError("unsupported operand")) is None
     assert cli.user_error_message(FileNotFoundError(2, "No such file or directory", "x.yaml")) == \
         "x.yaml: no such file or directory"
+
+
+def test_every_error_class_of_the_project_is_a_user_error():
+    """A new *Error class must be listed in cli.USER_ERRORS, or its message would come with a traceback."""
+    import importlib
+
+    folders = {"clipsift": "clipsift", "world": "clipsift.world", "pipeline": "clipsift.pipeline",
+               "filters": "clipsift.filters", "training": "clipsift.training", "eval": "clipsift.eval",
+               "compare": "clipsift.compare"}
+    found = set()
+    for folder, package in folders.items():
+        for path in (REPO / folder).rglob("*.py"):
+            module = ".".join([package, *path.relative_to(REPO / folder).with_suffix("").parts])
+            found |= {f"{module}.{name}" for name in re.findall(r"^class (\w+Error)\(", path.read_text(), re.M)}
+    assert found - {"clipsift.cli.UsageError"} == set(cli.USER_ERRORS)
+    for dotted in cli.USER_ERRORS:
+        module, _, name = dotted.rpartition(".")
+        assert issubclass(getattr(importlib.import_module(module), name), Exception)
