@@ -7,6 +7,7 @@ a time writes an output: output_lock.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -54,10 +55,12 @@ class LockError(RuntimeError):
 def output_lock(target: str | Path) -> Iterator[Path]:
     """Hold an exclusive lock on the output `target` (a folder or a file) for the block.
 
-    The lock is an flock on a sibling file .<name>.lock (outside the output, so output folders hold
-    only outputs) that names its holder. The kernel releases an flock when its holder exits, however
-    it exits, so the lock of a killed run is simply taken by the next run and a rerun resumes; a
-    second run while the first is alive gets a LockError naming the first one's pid.
+    The lock is a POSIX record lock (lockf) on a sibling file .<name>.lock (outside the output, so
+    output folders hold only outputs) that names its holder. The kernel releases it when the holding
+    process exits, however it exits, so the lock of a killed run is simply taken by the next run and
+    a rerun resumes; a second run while the first is alive gets a LockError naming the first one's
+    pid. Unlike flock, a forked child (a DataLoader or multiprocessing worker still winding down
+    after its parent was killed) does not hold it.
     """
     import fcntl
 
@@ -67,8 +70,10 @@ def output_lock(target: str | Path) -> Iterator[Path]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             raise LockError(f"{target}: another clipsift run is writing it ({_lock_holder(fd)}); wait for it "
                             "to finish or choose another out") from None
         os.ftruncate(fd, 0)

@@ -220,21 +220,31 @@ def test_an_output_in_use_is_refused_naming_the_holder_and_a_dead_holders_lock_i
                                                                                          capsys):
     out = tmp_path / "filtered"
     args = ["filter", "-p", "no_filter", f"metadata={ci_world / 'pool' / 'metadata'}", f"out={out}"]
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom clipsift.runlog import output_lock\n"
-                               f"with output_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
-                              stdout=subprocess.PIPE, text=True)
+    # the holder forks a child that outlives it, as a DataLoader worker winding down would
+    script = ("import os, time\nfrom clipsift.runlog import output_lock\n"
+              f"with output_lock({str(out)!r}):\n"
+              "    child = os.fork()\n"
+              "    if child == 0:\n        time.sleep(600)\n        os._exit(0)\n"
+              "    print(child, flush=True)\n    time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
     try:
-        assert holder.stdout.readline().strip() == "held"
         line = fails(capsys, *args, "seed=1")  # another config into the same folder
         assert f"{out}: another clipsift run is writing it (pid {holder.pid} on" in line
         assert not out.exists()
-    finally:
         holder.send_signal(signal.SIGKILL)  # a crash: the kernel drops its lock, its pid stays in the file
         holder.wait()
-    assert f"pid {holder.pid}" in (tmp_path / ".filtered.lock").read_text()
-    assert cli.main(args) == 0 and (out / "subset.npy").is_file()
-    with output_lock(out):  # released when the command ended
-        pass
+        assert f"pid {holder.pid}" in (tmp_path / ".filtered.lock").read_text()
+        assert cli.main(args) == 0 and (out / "subset.npy").is_file()  # the child alive, the lock free
+        with output_lock(out):  # released when the command ended
+            pass
+    finally:
+        for pid in (holder.pid, child):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        holder.wait()
 
 
 # ---------------------------------------------------------------- 7: one error path
