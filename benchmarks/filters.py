@@ -1,6 +1,6 @@
 """Filter throughput: DataComp's metadata baselines against a plain pandas implementation of the same rules.
 
-    .venv/bin/python benchmarks/filters.py [--rows 1000000] [--kmeans] [--reshard [--world DIR]]
+    .venv/bin/python benchmarks/filters.py [--rows 1000000] [--cases basic,...] [--repeats 3] [--kmeans] [--reshard]
 
 Metadata mode (always): a synthetic pool of --rows rows in memory (captions drawn from a small
 English vocabulary with ImageNet-class words, 10% from a German/French/Spanish one, 1-12 words;
@@ -11,8 +11,12 @@ DataFrame; per-row `apply` of fastText / cld3 / the WordNet lookup and of len(te
 hex uids parsed per kept row, np.sort of the pool for the fraction threshold, then uids.sort()).
 Both produce the subset array; the run checks they are equal. Model and WordNet loading is timed
 once, separately (start-up), and is not in either throughput. One process, one thread of work each.
+For basic it also times fastText alone on the rows the cheap rules keep (`fasttext_only_s`): the
+reference's time over it (`ceiling_speedup`) bounds any implementation that calls fastText's predict.
+--cases runs some baselines; the others keep their previous figures (each entry notes its repeats and
+the load average when it ran).
 
---kmeans adds image_based and SemDeDup (minutes on 2 cores; k-means sized for a CPU: 1024
+--kmeans adds image_based_world and SemDeDup (minutes on 2 cores; k-means sized for a CPU: 1024
 centroids on 64 points each, 10 iterations). --reshard adds the reshard figures (the world's pool
 shards, a subset of every readable uid with half repeated). Sections not run keep their previous
 values in the JSON. Writes benchmarks/results/filters.json.
@@ -141,7 +145,22 @@ def run_clipsift(spec: dict, pool: ArrayPool, ctx: Context, out: Path) -> tuple[
     return subset, {"steps_s": result.timings.as_dict(), "dropped": result.counts.as_dict()["dropped"]}
 
 
-def bench_baselines(pool: ArrayPool, repeats: int) -> dict:
+def fasttext_floor(pool: ArrayPool) -> dict:
+    """basic's floor in clipsift: fastText alone on the rows the cheap rules keep (what clipsift
+    must identify), batched. reference_s / this is the most any implementation calling fastText's
+    predict could gain over the reference."""
+    text = pool.columns["text"]
+    w, h = pool.columns["original_width"], pool.columns["original_height"]
+    lo, hi = np.minimum(w, h), np.maximum(w, h)
+    words = np.fromiter(map(len, map(str.split, text)), np.int64, count=len(text))
+    chars = np.fromiter(map(len, text), np.int64, count=len(text))
+    rows = text[(words > 2) & (chars > 5) & (lo >= 200) & (hi / lo <= 3.0)]
+    t = time.perf_counter()
+    identifier("fasttext").predict(rows)
+    return {"fasttext_rows": int(len(rows)), "fasttext_only_s": round(time.perf_counter() - t, 3)}
+
+
+def bench_baselines(pool: ArrayPool, repeats: int, cases: list[str], previous: dict) -> dict:
     t0 = time.perf_counter()
     startup = {}
     t = time.perf_counter()
@@ -159,9 +178,11 @@ def bench_baselines(pool: ArrayPool, repeats: int) -> dict:
     df = pd.DataFrame(pool.columns)
     startup["reference_dataframe_s"] = round(time.perf_counter() - t, 3)
     startup["total_s"] = round(time.perf_counter() - t0, 3)
-    out: dict = {"startup": startup}
+    out: dict = {k: v for k, v in previous.items() if k in CASES}  # cases not run this time keep their figures
+    out["startup"] = startup
     tmp = tempfile.mkdtemp()
-    for name, (spec, ref) in CASES.items():
+    for name in cases:
+        spec, ref = CASES[name]
         ours_s, ref_s = [], []
         for _ in range(repeats):
             load_wordnet("")._cache.clear()  # no lookups carried over from an earlier run
@@ -178,7 +199,11 @@ def bench_baselines(pool: ArrayPool, repeats: int) -> dict:
         out[name] = {"kept": int(len(ours)), "identical_subset": True,
                      "clipsift_s": round(o, 3), "clipsift_rows_per_s": round(pool.num_rows / o),
                      "reference_s": round(r, 3), "reference_rows_per_s": round(pool.num_rows / r),
-                     "speedup": round(r / o, 2), **info}
+                     "speedup": round(r / o, 2), "repeats": repeats, "load_average_1m": round(os.getloadavg()[0], 1),
+                     **info}
+        if name == "basic":
+            floor = fasttext_floor(pool)
+            out[name].update(floor, ceiling_speedup=round(r / floor["fasttext_only_s"], 2))
         print(f"{name:<18} clipsift {out[name]['clipsift_rows_per_s']:>10,} rows/s   reference "
               f"{out[name]['reference_rows_per_s']:>9,} rows/s   x{out[name]['speedup']:<6} kept {len(ours):,}",
               flush=True)
@@ -191,7 +216,7 @@ def bench_kmeans(pool: ArrayPool) -> dict:
     np.save(down, np.random.default_rng(1).standard_normal((2000, 768), dtype=np.float32).astype(np.float16))
     out: dict = {"kmeans": km}
     for name, spec in {
-        "image_based": {"kind": "image_based", "args": {**km, "downstream_embeddings": str(down)}},
+        "image_based_world": {"kind": "image_based_world", "args": {**km, "downstream_embeddings": str(down)}},
         "semdedup": {"kind": "semdedup", "args": {"clusters": km["centroids"], "iterations": km["iterations"],
                                                   "max_points_per_centroid": km["max_points_per_centroid"],
                                                   "epsilon": 0.05}},
@@ -236,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=1, help="runs per baseline (median quoted)")
-    ap.add_argument("--kmeans", action="store_true", help="also image_based and SemDeDup (minutes)")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"baselines to run (default all: {','.join(CASES)}); "
+                    "the others keep their previous figures")
+    ap.add_argument("--kmeans", action="store_true", help="also image_based_world and SemDeDup (minutes)")
     ap.add_argument("--reshard", action="store_true", help="also reshard a world's pool shards")
     ap.add_argument("--world", type=Path, help="world folder for --reshard (default: a fresh ci world)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "filters.json")
@@ -248,8 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     pool = synthetic_pool(args.rows, embeddings=args.kmeans)
     gen_s = time.perf_counter() - t0
     print(f"synthetic pool: {args.rows} rows in {gen_s:.1f} s", flush=True)
-    results["baselines"] = {"rows": args.rows, "generate_s": round(gen_s, 1), "repeats": args.repeats,
-                            **bench_baselines(pool, args.repeats)}
+    cases = args.cases.split(",")
+    for name in set(cases) - set(CASES):
+        ap.error(f"--cases: unknown baseline {name!r}; known: {', '.join(CASES)}")
+    results["baselines"] = {"rows": args.rows, "generate_s": round(gen_s, 1),
+                            "load_average_1m_at_start": round(os.getloadavg()[0], 1),
+                            **bench_baselines(pool, args.repeats, cases, results.get("baselines", {}))}
     if args.kmeans:
         results["metadata_kmeans"] = bench_kmeans(pool)
     del pool

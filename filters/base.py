@@ -82,12 +82,28 @@ class Needs:
         return Needs(self.columns | other.columns, self.embeddings | other.embeddings)
 
 
-@dataclass
 class Verdict:
-    keep: np.ndarray  # bool, one per row
-    reason: np.ndarray  # str per row: why it was dropped, "" where kept
-    score: np.ndarray | None = None  # float32 per row, for filters that compute a new score
-    dropped: dict[str, int] | None = None  # reason -> rows, when known without counting `reason`
+    """A filter's answer for a batch: keep mask, a reason per dropped row ("" where kept), optional
+    score, and (when known without counting `reason`) the drops per reason.
+
+    `reason` may be given as rule codes (`codes` into `names`, 0 = kept) and is then built on first
+    use: a single filter's run only needs `dropped`, and building an object array per batch was a
+    large part of a cheap filter's time.
+    """
+
+    def __init__(self, keep: np.ndarray, reason: np.ndarray | None = None, score: np.ndarray | None = None,
+                 dropped: dict[str, int] | None = None, codes: np.ndarray | None = None,
+                 names: tuple[str, ...] = ()):
+        if reason is None and codes is None:
+            raise ValueError("Verdict needs reason or codes")
+        self.keep, self.score, self.dropped = keep, score, dropped
+        self._reason, self._codes, self._names = reason, codes, names
+
+    @property
+    def reason(self) -> np.ndarray:
+        if self._reason is None:
+            self._reason = np.array(["", *self._names], dtype=object)[self._codes]
+        return self._reason
 
     @classmethod
     def from_rules(cls, n: int, rules: list[tuple[str, Any]], score: np.ndarray | None = None) -> "Verdict":
@@ -97,7 +113,8 @@ class Verdict:
         one: costly rules (language id) go last and only look at rows the cheap ones kept.
         """
         keep = np.ones(n, dtype=bool)
-        reason = np.full(n, "", dtype=object)
+        codes = np.zeros(n, dtype=np.uint8)
+        names: list[str] = []
         dropped: dict[str, int] = {}
         for name, ok in rules:
             if callable(ok):
@@ -105,10 +122,12 @@ class Verdict:
             failed = keep & ~np.asarray(ok, dtype=bool)
             k = int(failed.sum())
             if k:
-                reason[failed] = name
+                if name not in names:
+                    names.append(name)
+                codes[failed] = names.index(name) + 1
                 keep &= ~failed
                 dropped[name] = dropped.get(name, 0) + k
-        return cls(keep, reason, score, dropped)
+        return cls(keep, score=score, dropped=dropped, codes=codes, names=tuple(names))
 
 
 @dataclass
@@ -299,7 +318,7 @@ def run_filters(tree: Node, pool: Pool, batch_size: int = 65536) -> FilterResult
 
 
 def _evaluate(node: Node, batch: Batch, per_filter: dict[str, Counts],
-              scores: dict[str, list[np.ndarray]], top: bool = False) -> tuple[np.ndarray, np.ndarray]:
+              scores: dict[str, list[np.ndarray]], top: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     if node.op == "leaf":
         v = node.filter.apply(batch)  # type: ignore[union-attr]
         if v.keep.shape != (len(batch),) or v.keep.dtype != bool:
@@ -312,7 +331,7 @@ def _evaluate(node: Node, batch: Batch, per_filter: dict[str, Counts],
             _count(per_filter[node.name], v.keep, v.reason)
         if v.score is not None:
             scores.setdefault(node.name, []).append(np.asarray(v.score, dtype=np.float32))
-        return v.keep, (v.reason if top else _prefixed(node.name, v.keep, v.reason))  # top: counted above
+        return v.keep, (None if top else _prefixed(node.name, v.keep, v.reason))  # top: counted above, no reasons
     results = [_evaluate(c, batch, per_filter, scores) for c in node.children]
     keeps = np.stack([k for k, _ in results])
     keep = keeps.all(0) if node.op == "all" else keeps.any(0)
