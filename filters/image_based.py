@@ -56,9 +56,11 @@ def load_array(path: str, what: str, key: str = "") -> np.ndarray:
         raise FilterError(f"{what} {path}: expected a .npy or .pt file")
     import torch
 
-    # DataComp's centroid files are pickled numpy arrays: allow numpy's array classes, nothing else.
-    numpy_types = [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
-                   *(getattr(np.dtypes, n) for n in np.dtypes.__all__)]
+    # DataComp's centroid files are pickled numpy arrays: allow numpy's array classes, nothing else,
+    # under numpy 2's names and numpy 1's (numpy.core: the files were written with numpy 1).
+    numpy_types = [np._core.multiarray._reconstruct, (np._core.multiarray._reconstruct,
+                                                      "numpy.core.multiarray._reconstruct"),
+                   np.ndarray, np.dtype, *(getattr(np.dtypes, n) for n in np.dtypes.__all__)]
     try:
         with torch.serialization.safe_globals(numpy_types):
             obj = torch.load(p, map_location="cpu", weights_only=True)

@@ -8,6 +8,8 @@ rather than as a puzzling uid difference.
 """
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -181,7 +183,10 @@ def image_pool(tmp_path_factory):
         pq.write_table(pa.table({"uid": IMAGE_UIDS[part], "text": list(text[part])}), folder / f"{name}.parquet")
         np.savez(folder / f"{name}.npz", l14_img=np.array(emb[part], np.float16))  # DataComp stores float16
     files = tmp_path_factory.mktemp("datacomp_files")
-    torch.save(CENTROIDS, files / "small_centroids.pt")  # DataComp's format: a pickled numpy array
+    # DataComp's format: torch.save of a numpy array, written with numpy 1 (pickle names numpy.core.*)
+    buf = io.BytesIO()
+    torch.save(CENTROIDS, buf, _use_new_zipfile_serialization=False)
+    (files / "small_centroids.pt").write_bytes(buf.getvalue().replace(b"numpy._core.", b"numpy.core."))
     for i, e in enumerate(IMAGENET):  # DataComp's format: {"image_features": tensor}
         torch.save({"image_features": torch.from_numpy(e).half()}, files / f"in1k_clip_vit_l14_{i}.pt")
     np.save(files / "centroids.npy", CENTROIDS)
