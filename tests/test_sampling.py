@@ -360,7 +360,8 @@ def test_sample_command_other_methods_and_errors(tmp_path, capsys):
     meta = f"metadata={tmp_path / 'meta'}"
     assert cli.main(["sample", "-p", "top30", meta, f"out={tmp_path / 'top.npy'}"]) == 0
     top = np.load(tmp_path / "top.npy")
-    assert len(top) == math.floor(0.3 * 985) and len(np.unique(top)) == len(top)
+    # DataComp's rule: every row scoring >= the score at rank int(0.3 N) (0-based), so int(0.3 N) + 1 rows without ties
+    assert len(top) == math.floor(0.3 * 985) + 1 and len(np.unique(top)) == len(top)
     assert cli.main(["sample", "-p", "hcs", meta, f"out={tmp_path / 'hcs.npy'}", "cap=2", "total=1500"]) == 0
     _, reps = np.unique(np.load(tmp_path / "hcs.npy"), return_counts=True)
     assert reps.sum() == 1500 and reps.max() == 2
