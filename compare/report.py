@@ -123,21 +123,30 @@ def verdict(rows: list[dict[str, Any]]) -> str:
     return " ".join(parts)
 
 
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard overlap of two subsets as multisets (one entry per draw): Σ min / Σ max of each
+    example's draws; for subsets without repeats (a top-k) the plain Jaccard of their examples."""
+    keys, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    ca = np.bincount(inverse[: len(a)], minlength=len(keys))
+    cb = np.bincount(inverse[len(a):], minlength=len(keys))
+    return float(np.minimum(ca, cb).sum() / max(1, np.maximum(ca, cb).sum()))
+
+
 def subset_overlap(compare, strategies) -> dict[str, dict[str, Any]]:
-    """Per learned strategy with several scorer seeds: the Jaccard overlap of the subsets' unique
-    examples (a top-k's k best; a sampler's drawn examples) between every pair of scorer seeds."""
+    """Per learned strategy with several scorer seeds: the Jaccard overlap of its subsets between
+    every pair of scorer seeds (how stable the selection is when only the scorer's seed changes)."""
     from clipsift import formats
 
     out = {}
     for s in strategies:
         scorers = sorted({sc for _, sc in compare.plan(s) if sc is not None})
         paths = {sc: compare.subset_path(s, sc) for sc in scorers}
-        sets = {sc: np.unique(formats.read_subset(p)) for sc, p in paths.items() if p.is_file()}
-        if len(sets) < 2:
+        subsets = {sc: np.asarray(formats.read_subset(p)) for sc, p in paths.items() if p.is_file()}
+        if len(subsets) < 2:
             continue
-        pairs = {f"{a}-{b}": len(np.intersect1d(sets[a], sets[b])) / max(1, len(np.union1d(sets[a], sets[b])))
-                 for a, b in combinations(sorted(sets), 2)}
-        out[s.name] = {"scorer_seeds": sorted(sets), "unique": {str(k): int(len(v)) for k, v in sets.items()},
+        pairs = {f"{a}-{b}": jaccard(subsets[a], subsets[b]) for a, b in combinations(sorted(subsets), 2)}
+        out[s.name] = {"scorer_seeds": sorted(subsets),
+                       "unique": {str(k): int(len(np.unique(v))) for k, v in subsets.items()},
                        "jaccard": pairs, "mean": float(np.mean(list(pairs.values()))),
                        "min": float(min(pairs.values()))}
     return out
@@ -328,10 +337,11 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
         page += [f"| {n} | " + " | ".join(f"{kept[n][k]:.2f}" for k in kinds) + " |" for n in kept]
     if overlap:
         page += ["", "## Subset stability across scorer seeds", "",
-                 "Jaccard overlap of the unique examples of each learned strategy's subsets, one subset per "
-                 "scorer seed (1 = the same examples; a top-k's k best, a sampler's drawn examples).", "",
+                 "Jaccard overlap of each learned strategy's subsets, one per scorer seed: for a top-k the "
+                 "share of its k examples the two seeds agree on; for a sampler the multiset version (Σ min / "
+                 "Σ max of each example's draws). 1 = the same subset.", "",
                  "| strategy | scorer seeds | unique per seed | Jaccard (pairs) | mean |", "|---|---|---|---|---|"]
-        page += [f"| {n} | {o['scorer_seeds']} | {', '.join(o['unique'].values())} | "
+        page += [f"| {n} | {o['scorer_seeds']} | {', '.join(str(u) for u in o['unique'].values())} | "
                  f"{', '.join(f'{k}: {v:.2f}' for k, v in o['jaccard'].items())} | {o['mean']:.2f} |"
                  for n, o in overlap.items()]
     if weights:

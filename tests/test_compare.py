@@ -38,6 +38,8 @@ def test_presets_parse_into_typed_strategies():
     ([{"name": "a", "filter": {"kind": "basic"}, "scorer_seeds": [0]}], "only to a sample by a learned score"),
     ([{"name": "a", "sample": {"score": "flyt_score"}, "seeds": [0, 1], "scorer_seeds": [0]}],
      "one entry per training seed"),
+    ([{"name": "a", "filter": {"kind": "all", "of": [{"kind": "clip_score", "args": {"column": "mflyt_score"}}]}}],
+     "a filter cannot use \\['mflyt_score'\\]"),
 ])
 def test_bad_strategies_are_clear_errors(strategies, message):
     with pytest.raises(config.ConfigError, match=message):
@@ -89,6 +91,16 @@ def test_scs_draws_the_scales_samples_seen_in_rounds_scaled_to_the_pool(tmp_path
     assert len(np.unique(default)) < 9000  # the stream repeats high scorers
     stats = json.loads((tmp_path / "cmp" / "subsets" / "scs_set" / "sample_stats.json").read_text())
     assert len(explicit) == stats["total"] == 700 and stats["batch_size"] == 7  # named options win
+
+
+def test_subset_jaccard_is_plain_for_top_k_and_counts_draws_for_samplers():
+    from clipsift.compare.report import jaccard
+
+    keys = formats.uids_to_u8u8([f"{i:032x}" for i in range(5)])
+    assert jaccard(keys[[0, 1, 2]], keys[[1, 2, 3]]) == 0.5  # 2 shared of 4 examples
+    assert jaccard(keys[[0, 1, 2]], keys[[0, 1, 2]]) == 1.0 and jaccard(keys[[0]], keys[[4]]) == 0.0
+    # same examples, different repetition: Σ min (1 + 1) / Σ max (2 + 2)
+    assert jaccard(keys[[0, 0, 1]], keys[[0, 1, 1]]) == 0.5
 
 
 def _row(name, values, scorers=None):
@@ -209,3 +221,76 @@ def test_compare_end_to_end_on_the_ci_world(ci_world, tmp_path):
     shutil.rmtree(compare.learned_dir("flyt", 0))
     Compare(cfg, echo=lambda s: None).score_folder("flyt_score", 0)
     assert np.array_equal(flyt_scores(0), s0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # two tiny reference CLIPs, the DFN fine-tune, three embeds and a 4-step M-FLYT on 2 cores
+def test_mflyt_inputs_are_computed_once_and_usable_by_filters_and_the_mix(ci_world, tmp_path):
+    """negCLIPLoss, the DFN-style CLIP score and the linear classifier: computed on demand over the
+    ci world, a filter strategy on negclip_score and an M-FLYT mix of all three; a rerun reuses them."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    world = tmp_path / "world"  # a copy: these tiny reference budgets must not replace the session world's models
+    shutil.copytree(ci_world, world, ignore=shutil.ignore_patterns("models"))
+    columns = ["clip_b32_similarity_score", "negclip_score", "clip_dfn_similarity_score", "linear_classifier_score"]
+    cfg = config.from_dict(CompareConfig, {
+        "out": str(tmp_path / "cmp"), "world": str(world), "scale": "ci", "progress": False,
+        "reference_overrides": ["samples_seen=1280", "warmup=2"], "dfn_overrides": ["samples_seen=640", "warmup=2"],
+        "learned": {"mflyt_overrides": ["steps=4", "checkpoint_every=2"], "mflyt_columns": columns},
+        "strategies": [
+            {"name": "negclip_top30", "filter": {"kind": "clip_score", "args": {"column": "negclip_score", "fraction": 0.3}}},
+            {"name": "mflyt_top30", "sample": {"method": "top_fraction", "score": "mflyt_score", "fraction": 0.3}}]})
+    compare = Compare(cfg, echo=lambda s: None)
+    negclip, mflyt = cfg.strategies
+    kept = formats.read_subset(compare.subset(negclip))
+    mixed = formats.read_subset(compare.subset(mflyt, 0))
+
+    def column(folder, name):
+        return np.concatenate([pq.read_table(f, columns=[name]).column(0).to_numpy(zero_copy_only=False)
+                               for f in sorted(folder.glob("*.parquet"))])
+
+    pool = column(compare.metadata, "uid")
+    for name in columns[1:]:
+        values = column(compare.score_folder(name), name)
+        assert len(values) == len(pool) > 2900 and np.isfinite(values).all() and values.std() > 0, name
+    # the filter ran on the pool metadata with negclip_score joined in: exactly DataComp's top 30% of it
+    joined = compare.filter_metadata(negclip.filter)
+    scores = column(joined, "negclip_score")
+    assert np.array_equal(column(joined, "uid"), pool)
+    cut = np.sort(scores)[::-1][int(0.3 * len(scores))]
+    assert np.array_equal(np.sort(kept), np.sort(formats.uids_to_u8u8(list(pool[scores >= cut]))))
+    # M-FLYT mixed exactly those columns and scored the pool
+    mix = yaml.safe_load((compare.learned_dir("mflyt", 0) / "config.yaml").read_text())["mixer"]
+    assert mix["columns"] == columns
+    assert np.isfinite(column(compare.score_folder("mflyt_score", 0), "mflyt_score")).all()
+    assert 0.25 * len(pool) < len(mixed) < 0.35 * len(pool)
+
+    # A rerun reuses every step: no data under out/ or the world's models is rewritten (an embed call
+    # whose shards are all done still rewrites its run log: config.yaml, stats.json).
+    def mtimes():
+        return {p: p.stat().st_mtime_ns for root in (tmp_path / "cmp", world / "models") for p in root.rglob("*")
+                if p.is_file() and p.name not in ("config.yaml", "stats.json")}
+
+    before = mtimes()
+    again = Compare(cfg, echo=lambda s: None)
+    for name in columns[1:]:
+        again.score_folder(name)
+    assert again.filter_metadata(negclip.filter) == joined and again.subset(mflyt, 0) == compare.subset(mflyt, 0)
+    assert mtimes() == before
+
+
+def test_gpu_preset_runs_every_demo_strategy_and_mixes_every_input():
+    from clipsift.compare.run import LEARNED
+
+    tiny, gpu = (config.load(CompareConfig, config.preset_path("compare", p)) for p in ("tiny", "gpu"))
+    names = [s.name for s in gpu.strategies]
+    assert set(names) - {s.name for s in tiny.strategies} == {"negclip_top30", "dfn_top30"}
+    assert gpu.seeds == [0, 1, 2] and all(s.seeds is None for s in gpu.strategies)  # 3 seeds each
+    assert (gpu.world, gpu.scale, gpu.learned.flyt_preset, gpu.learned.mflyt_preset) == ("bench",) * 4
+    inputs = {"negclip_score", "clip_dfn_similarity_score", "linear_classifier_score"}
+    assert inputs | {"clip_b32_similarity_score", "clip_l14_similarity_score", "normsim_score", "flyt_score"} \
+        == set(gpu.learned.mflyt_columns) and inputs <= set(LEARNED)
+    assert not inputs & set(tiny.learned.mflyt_columns)  # the demo's CPU budget leaves them out
