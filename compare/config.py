@@ -23,6 +23,12 @@ from clipsift.filters.sample_cli import SampleConfig
 SEEDED_SCORES = {"flyt_score": "flyt", "mflyt_score": "mflyt"}
 
 
+def filter_columns(spec: FilterSpec) -> set[str]:
+    """Every string argument of a filter tree: the score columns it reads are among them."""
+    mine = {v for v in spec.args.values() if isinstance(v, str)}
+    return mine.union(*(filter_columns(child) for child in spec.of))
+
+
 @dataclass
 class StrategySpec:
     name: str = ""
@@ -47,7 +53,8 @@ class LearnedSpec:
     flyt_overrides: list[str] = field(default_factory=list)
     mflyt_preset: str = "ci"  # configs/mflyt/<preset>.yaml
     mflyt_overrides: list[str] = field(default_factory=list)
-    # score columns M-FLYT mixes, one a line (flyt_score is joined from the FLYT run of the same scorer seed)
+    # score columns M-FLYT mixes (flyt_score is joined from the FLYT run of the same scorer seed). Also
+    # computed on demand: negclip_score, clip_dfn_similarity_score, linear_classifier_score (docs/flyt.md)
     mflyt_columns: list[str] = field(default_factory=lambda: [
         "clip_b32_similarity_score",
         "clip_l14_similarity_score",
@@ -66,6 +73,8 @@ class CompareConfig:
     strategies: list[StrategySpec] = field(default_factory=list)
     learned: LearnedSpec = field(default_factory=LearnedSpec)
     reference_overrides: list[str] = field(default_factory=list)  # for the world's reference CLIPs
+    # for the DFN-style model (configs/train/reference_dfn.yaml), trained only when clip_dfn_similarity_score is used
+    dfn_overrides: list[str] = field(default_factory=list)
     downstream_model: Literal["b32", "l14"] = "l14"  # embeds the task train images (image_based, NormSim)
     only: list[str] = field(default_factory=list)  # run just these strategies (default: all)
     progress: bool = True
@@ -79,6 +88,10 @@ class CompareConfig:
         for s in self.strategies:
             if s.filter is None and s.sample is None:
                 raise ValueError(f"strategy {s.name}: give a filter, a sample, or both")
+            seeded = sorted(filter_columns(s.filter) & set(SEEDED_SCORES)) if s.filter else []
+            if seeded:
+                raise ValueError(f"strategy {s.name}: a filter cannot use {seeded} (learned once per scorer seed); "
+                                 "sample by it instead (sample: {score: ...})")
             if s.scorer_seeds is not None:
                 if not s.learned:
                     raise ValueError(f"strategy {s.name}: scorer_seeds applies only to a sample by a learned score "

@@ -1,7 +1,8 @@
 """`clipsift compare`: which data makes the better CLIP at fixed compute?
 
     world ─► reference CLIPs ─► pipeline (embeddings + CLIP scores) ─► downstream embeddings
-          ─► learned scores (NormSim, FLYT, M-FLYT; only when a strategy uses them)
+          ─► extra scores (NormSim, negCLIPLoss, DFN-style CLIP score, linear classifier, FLYT,
+             M-FLYT; only when a strategy or the M-FLYT mix uses them)
           ─► per strategy: subset ─► per seed: train (fixed compute) ─► eval ─► result.json
           ─► table, plots, report
 
@@ -14,6 +15,10 @@ Shared work is computed once and cached under `out/`: each step is resumable on 
 world, reference models, pipeline, filters and training all skip or resume finished work), and a
 strategy × seed whose result.json exists is not run again, so a killed compare resumes where it
 stopped.
+
+An extra score column lives in its own uid-keyed folder (score_folder): a sampler or the M-FLYT mix
+reads it there; a filter strategy naming it (e.g. clip_score with column: negclip_score) runs over
+a copy of the pool metadata with the column joined in (out/pipeline_joined/<columns>/).
 """
 from __future__ import annotations
 
@@ -24,14 +29,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from clipsift import config, formats
-from clipsift.compare.config import SEEDED_SCORES, CompareConfig, StrategySpec
-from clipsift.runlog import Timer, read_json, write_json
+from clipsift.compare.config import SEEDED_SCORES, CompareConfig, StrategySpec, filter_columns
+from clipsift.runlog import Timer, atomic_path, read_json, write_json
 
 log = logging.getLogger("clipsift.compare")
 
-LEARNED = {"flyt_score": "flyt", "mflyt_score": "mflyt", "normsim_score": "normsim"}
+# Score columns beyond the pipeline's, by the step that computes them (Compare._<step>).
+LEARNED = {"flyt_score": "flyt", "mflyt_score": "mflyt", "normsim_score": "normsim", "negclip_score": "negclip",
+           "clip_dfn_similarity_score": "dfn", "linear_classifier_score": "linear_classifier"}
 
 
 class Compare:
@@ -82,17 +92,25 @@ class Compare:
         """The pool's DataComp metadata with embeddings and both CLIP scores."""
 
         def make() -> Path:
-            from clipsift.eval.models import ModelSpec
-            from clipsift.pipeline.config import EmbedConfig
-            from clipsift.pipeline.embed import run_embed
-
-            models = {n: ModelSpec(r.arch, str(r.checkpoint)) for n, r in self.references.items()}
-            cfg = EmbedConfig(input=str(self.world / "pool" / "shards"), out=str(self.out / "pipeline"),
-                              models=models, progress=self.cfg.progress)
-            run_embed(cfg, echo=self.echo)
-            return self.out / "pipeline" / "metadata"
+            return self._embed("pool", "pipeline", self.reference_specs())
 
         return self.step("pipeline", make)
+
+    def reference_specs(self) -> dict[str, Any]:
+        from clipsift.eval.models import ModelSpec
+
+        return {n: ModelSpec(r.arch, str(r.checkpoint)) for n, r in self.references.items()}
+
+    def _embed(self, split: str, folder: str, models: dict[str, Any], heads: dict[str, Any] | None = None) -> Path:
+        """The world's `split` shards through `models` into out/<folder> (resumes; default heads: the CLIP scores)."""
+        from clipsift.pipeline.config import EmbedConfig
+        from clipsift.pipeline.embed import run_embed
+
+        extra = {} if heads is None else {"heads": heads}
+        cfg = EmbedConfig(input=str(self.world / split / "shards"), out=str(self.out / folder), models=models,
+                          progress=self.cfg.progress, **extra)
+        run_embed(cfg, echo=self.echo)
+        return self.out / folder / "metadata"
 
     @property
     def downstream(self) -> Path:
@@ -126,15 +144,87 @@ class Compare:
         """Where the FLYT/M-FLYT run of one scorer seed lives (run dir; its scores/ holds the column)."""
         return self.out / "scores" / kind / f"seed{scorer_seed}"
 
-    def _normsim(self) -> Path:
+    def _pool_score(self, kind: str, args: Callable[[], dict[str, Any]],
+                    embeddings: Callable[[], str] | None = None) -> Path:
+        """A pool-level filter's score over the pool metadata into out/scores/<kind> (scores.parquet:
+        uid + <kind>_score); args() is only evaluated when the score is computed."""
         from clipsift.filters.base import FilterSpec
         from clipsift.filters.filter_cli import DownstreamConfig, FilterRunConfig, run
 
-        out = self.out / "scores" / "normsim"
+        out = self.out / "scores" / kind
         if not (out / "stats.json").is_file():
-            spec = FilterSpec(kind="normsim", args={"embedding": f"{self.cfg.downstream_model}_img", "fraction": 1.0})
-            run(FilterRunConfig(metadata=str(self.metadata), out=str(out), filter=spec,
-                                downstream=DownstreamConfig(embeddings=str(self.downstream))), log=self.echo)
+            down = DownstreamConfig(embeddings=embeddings() if embeddings else "")
+            run(FilterRunConfig(metadata=str(self.metadata), out=str(out), filter=FilterSpec(kind=kind, args=args()),
+                                downstream=down), log=self.echo)
+        return out
+
+    def _normsim(self) -> Path:
+        return self._pool_score("normsim", lambda: {"embedding": f"{self.cfg.downstream_model}_img", "fraction": 1.0},
+                                embeddings=lambda: str(self.downstream))
+
+    def _negclip(self) -> Path:
+        """negCLIPLoss with the l14 reference as teacher: its own training batch and learned temperature."""
+        from clipsift.training.reference import logit_scale, reference_config
+
+        def args() -> dict[str, Any]:
+            batch = reference_config(self.world, "l14", self.cfg.reference_overrides).batch_size
+            return {"model": "l14", "batch_size": batch,
+                    "logit_scale": logit_scale(self.references["l14"].checkpoint)}
+
+        return self._pool_score("negclip", args)
+
+    def _dfn(self) -> Path:
+        """The DFN-style model's CLIP score: its own embed of the pool (the main pipeline's models,
+        hence its fingerprint, stay as they are); the folder joins by uid."""
+        from clipsift.eval.models import ModelSpec
+        from clipsift.pipeline.heads import HeadSpec
+        from clipsift.training.reference import ensure_dfn_model
+
+        self.references  # the DFN-style model is fine-tuned from the trained b32
+        dfn = ensure_dfn_model(self.world, self.cfg.dfn_overrides, progress=self.cfg.progress)
+        return self._embed("pool", "pipeline_dfn", {"dfn": ModelSpec(dfn.arch, str(dfn.checkpoint))},
+                           {"clip_dfn_similarity_score": HeadSpec("clip_score", "dfn")})
+
+    def _linear_classifier(self) -> Path:
+        """Logistic regression on l14 embeddings: the world's curated split (embedded with the pool's
+        models) against random pool rows."""
+        return self._pool_score("linear_classifier", lambda: {
+            "positives": str(self._embed("curated", "pipeline_curated", self.reference_specs()))})
+
+    def filter_metadata(self, spec: Any) -> Path:
+        """The metadata a filter tree runs over: the pool's, with any extra score column it names joined in."""
+        wanted = sorted(filter_columns(spec) & set(LEARNED))  # never a seeded score: CompareConfig refuses it
+        if not wanted:
+            return self.metadata
+        return self.step(f"metadata + {', '.join(wanted)}", lambda: self._joined(wanted))
+
+    def _joined(self, columns: list[str]) -> Path:
+        """The pool metadata (parquets; the npz embeddings linked) with `columns` added by uid."""
+        out = self.out / "pipeline_joined" / "+".join(columns)
+        done = out / "done.json"
+        sources = {c: sorted(self.score_folder(c).glob("*.parquet")) for c in columns}
+        files = sorted(self.metadata.glob("*.parquet"))
+        # what the copy was made from: a recomputed source (new files or mtimes) makes it stale
+        made_from = {str(f): f.stat().st_mtime_ns for f in [*files, *(f for fs in sources.values() for f in fs)]}
+        if done.is_file() and read_json(done) == made_from:
+            return out
+        values = {c: pa.concat_tables([pq.read_table(f, columns=["uid", c]) for f in fs]) for c, fs in sources.items()}
+        out.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            table = pq.read_table(f)
+            for c, t in values.items():
+                idx = pc.index_in(table.column("uid"), value_set=t.column("uid"))
+                if idx.null_count:
+                    raise ValueError(f"{sources[c][0].parent}: {idx.null_count} uids of {f} have no {c}; delete that folder "
+                                     "to recompute it over the current pool")
+                table = table.append_column(c, t.column(c).take(idx))
+            with atomic_path(out / f.name) as tmp:
+                pq.write_table(table, tmp)
+            npz = f.with_suffix(".npz")
+            link = out / npz.name
+            if npz.is_file() and not link.exists():
+                link.symlink_to(npz.resolve())
+        write_json(done, made_from)
         return out
 
     def _learned(self, kind: str, scorer_seed: int, overrides: list[str], fill: Callable[[Any], None]) -> Path:
@@ -194,7 +284,8 @@ class Compare:
                 needs_down = _uses(strategy.filter, ("image_based_world", "normsim"))
                 concepts = str(self.world) if _uses(strategy.filter, ("text_based_world",)) else ""
                 down = DownstreamConfig(embeddings=str(self.downstream) if needs_down else "", concepts=concepts)
-                run(FilterRunConfig(metadata=str(self.metadata), out=str(ffolder), filter=strategy.filter,
+                run(FilterRunConfig(metadata=str(self.filter_metadata(strategy.filter)), out=str(ffolder),
+                                    filter=strategy.filter,
                                     downstream=down), log=self.echo)
             kept = np.load(ffolder / "subset.npy")
             if strategy.sample is None:
@@ -283,3 +374,4 @@ class Compare:
 
 def _uses(spec, kinds: tuple[str, ...]) -> bool:
     return spec.kind in kinds or any(_uses(child, kinds) for child in spec.of)
+
