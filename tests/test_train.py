@@ -517,3 +517,13 @@ def test_cuda_decoded_stream_matches_the_cpu_path_within_rounding(ci_world):
         diff = (a.images.int() - b.images.cpu().int()).abs().float()
         assert diff.mean() < 2.0 and diff.max() < 64, (diff.mean(), diff.max())
     batches.close()
+
+
+def test_reference_models_are_the_same_run_by_relative_or_absolute_world_path(ci_world, monkeypatch):
+    """A world named relatively (compare's default out) and absolutely is one world: its reference
+    models' configs are equal, so neither call sees the other's models as stale and retrains them."""
+    from clipsift.training.reference import reference_config
+
+    monkeypatch.chdir(ci_world.parent)
+    for name in ("b32", "l14"):
+        assert config.to_dict(reference_config(ci_world.name, name)) == config.to_dict(reference_config(ci_world, name))

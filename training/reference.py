@@ -52,7 +52,7 @@ class ReferenceModel:
 
 def reference_config(world_dir: str | Path, name: str, overrides: Sequence[str] = ()) -> TrainConfig:
     """The resolved training config of reference model `name` (b32 | l14 | dfn) for this world."""
-    world = Path(world_dir)
+    world = Path(world_dir).resolve()  # one world, one config: relative and absolute paths name the same run
     preset = DFN_PRESET if name == "dfn" else REFERENCE_PRESETS[name]
     init = [f"init={checkpoint.latest_path(world / 'models' / 'b32')}"] if name == "dfn" else []
     cfg = config.load(TrainConfig, config.preset_path("train", preset),
