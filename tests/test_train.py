@@ -468,12 +468,13 @@ def test_device_decoded_stream_trains_and_resumes_to_the_uninterrupted_weights(f
     assert stats["data"]["image_decode"] == "device" and stats["data"]["decode_thread_s"] > 0
 
 
-def test_image_decode_auto_decodes_on_the_device_only_on_cuda():
+def test_image_decode_auto_is_cpu_decoding_and_device_is_opt_in():
     from clipsift.training.data import resolve_image_decode
 
-    assert resolve_image_decode("auto", torch.device("cuda", 0)) == "device"
+    assert resolve_image_decode("auto", torch.device("cuda", 0)) == "cpu"  # measured faster on an H100 (16 cores)
     assert resolve_image_decode("auto", torch.device("cpu")) == "cpu"
     assert resolve_image_decode("cpu", torch.device("cuda", 0)) == "cpu"
+    assert resolve_image_decode("device", torch.device("cuda", 0)) == "device"
     with pytest.raises(ValueError, match="data.image_decode"):
         resolve_image_decode("gpu", None)
 

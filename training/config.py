@@ -28,7 +28,8 @@ class DataConfig:
     decode_cache: str = ""
     # stream mode: where images are decoded. cpu: in the workers (PIL/libjpeg). device: workers
     # only read and tokenise; the training process decodes each batch's JPEGs in one batched
-    # call on its device (nvJPEG on a GPU) and resizes/crops there. auto: device when training on cuda.
+    # call on its device (nvJPEG on a GPU) and resizes/crops there. auto: cpu (measured faster on
+    # an H100 with 16 cores; docs/results/performance.md).
     image_decode: Literal["auto", "cpu", "device"] = "auto"
 
 
