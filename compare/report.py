@@ -327,7 +327,7 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
 
     page = ["# clipsift compare report", "",
             f"World: `{compare.world}` · scale: `{compare.cfg.scale}` {' '.join(compare.cfg.scale_overrides)} · "
-            f"seeds: {compare.cfg.seeds}", "",
+            f"seeds: {sorted({seed for r in rows for seed in r['seeds']})} (each strategy's in the table)", "",
             "Main metric per task (acc1, or mean recall@1 for retrieval), in %; mean ± std over seeds.", "",
             markdown_table(rows), "", f"**Spread vs. differences.** {verdict(rows)}"]
     if kept:
