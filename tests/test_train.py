@@ -113,19 +113,13 @@ def test_run_writes_open_clip_checkpoint_config_and_stats(ci_world, tmp_path):
 def test_stream_mode_counts_undecodable_images_without_crashing(tmp_path):
     """Garbage and truncated JPEGs in shards without stats files: counted, skipped, said."""
     folder = tmp_path / "shards"
-    rng = np.random.default_rng(0)
-    for shard in range(2):
-        with shards.ShardWriter(folder, shard) as w:
-            for row in range(40):
-                buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
-                data = buf.getvalue()
-                if row == 3:
-                    data = data[: len(data) // 2]  # truncated
-                if row == 5:
-                    data = b"not an image at all"
-                uid = f"{shard:016x}{row:016x}"
-                w.add(formats.sample_key(shard, row), data, f"picture {row}", {"uid": uid, "status": "success"})
+
+    def damage(shard, row, data, rng):
+        if row == 3:
+            return data[: len(data) // 2]  # truncated
+        return b"not an image at all" if row == 5 else data
+
+    _write_jpeg_shards(folder, (32, 32), damage)
     (folder / formats.stats_name(1)).unlink()
     run = train(make_cfg(tmp_path / "run", f"data.shards={folder}", "data.mode=stream", "data.workers=2",
                          "data.shuffle_buffer=4", "samples_seen=64"))
@@ -222,7 +216,7 @@ def test_stop_and_resume_gives_the_uninterrupted_weights(few, tmp_path, mode):
 
 
 def test_killed_cli_run_resumes_to_the_uninterrupted_weights(few, tmp_path):
-    args = [f"-p", "ci", *QUICK, *few_data(few), "samples_seen=640", "checkpoint_every=2"]
+    args = ["-p", "ci", *QUICK, *few_data(few), "samples_seen=640", "checkpoint_every=2"]
     whole = tmp_path / "whole"
     assert cli.main(["train", *args, f"out={whole}"]) == 0
     killed = tmp_path / "killed"
@@ -411,18 +405,26 @@ def test_device_decoded_stream_gives_the_cpu_streams_batches(ci_world, size):
     assert dev_data.counts.dropped[shards.CORRUPT_IMAGE] > 0  # the truncated JPEGs, caught in the workers
 
 
-def _shards_with_a_jpeg_only_the_decoder_refuses(folder: Path) -> str:
-    """Two shards of 40 JPEGs; one record starts and ends like a complete JPEG but is garbage between."""
+def _write_jpeg_shards(folder: Path, shape: tuple[int, int], damage=lambda shard, row, data, rng: data) -> None:
+    """Two shards of 40 random-pixel JPEGs (uid = shard, row); damage(shard, row, jpeg, rng) may spoil one."""
     rng = np.random.default_rng(0)
     for shard in range(2):
         with shards.ShardWriter(folder, shard) as w:
             for row in range(40):
                 buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(buf, "JPEG")
-                data = b"\xff\xd8\xff" + bytes(rng.integers(0, 255, 300, dtype=np.uint8)) + b"\xff\xd9" \
-                    if (shard, row) == (1, 7) else buf.getvalue()
-                w.add(formats.sample_key(shard, row), data, f"picture {row}", {"uid": f"{shard:016x}{row:016x}",
-                                                                               "status": "success"})
+                Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8)).save(buf, "JPEG")
+                w.add(formats.sample_key(shard, row), damage(shard, row, buf.getvalue(), rng), f"picture {row}",
+                      {"uid": f"{shard:016x}{row:016x}", "status": "success"})
+
+
+def _shards_with_a_jpeg_only_the_decoder_refuses(folder: Path) -> str:
+    """Two shards of 40 JPEGs; one record starts and ends like a complete JPEG but is garbage between."""
+    def damage(shard, row, data, rng):
+        if (shard, row) != (1, 7):
+            return data
+        return b"\xff\xd8\xff" + bytes(rng.integers(0, 255, 300, dtype=np.uint8)) + b"\xff\xd9"
+
+    _write_jpeg_shards(folder, (40, 30), damage)
     return f"{1:016x}{7:016x}"
 
 
