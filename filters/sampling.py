@@ -166,8 +166,6 @@ def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
     included, so int(fraction * N) + 1 examples or more (filters.base.top_fraction_threshold).
     """
     scores = _check_scores(scores)
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     return top_fraction_mask(scores, fraction).astype(np.uint8)
 
 
