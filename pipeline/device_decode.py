@@ -118,15 +118,15 @@ def decode_on_device(encoded: list[bytes], plan: Plan,
         decoded[i] = img
     errors: list[ImageFailure | None] = [None] * len(encoded)
     out: dict[str, list[torch.Tensor]] = {p.key: [] for p in plan.images}
+    specs = [(p.key, p.shape[:2], *_resize_spec(p)) for p in plan.images]
     for i, img in enumerate(decoded):
         if img is None:  # not a JPEG, truncated, too large or refused: the CPU path decides (and names the error)
             arrays, errors[i] = decode_image(encoded[i], plan)
             for key, a in arrays.items():
                 out[key].append(torch.from_numpy(a).to(device))
             continue
-        for p in plan.images:
-            mode, squash = _resize_spec(p)
-            out[p.key].append(resize_crop(img, p.shape[:2], mode, squash).permute(1, 2, 0))
+        for key, shape, mode, squash in specs:
+            out[key].append(resize_crop(img, shape, mode, squash).permute(1, 2, 0))
     return ({p.key: torch.stack(out[p.key]) if out[p.key] else torch.zeros((0, *p.shape), dtype=torch.uint8, device=device)
              for p in plan.images}, errors)
 
