@@ -5,7 +5,7 @@ images and tokens that already sit on the device: nothing can feed the model fas
 `train()` itself in each mode:
 
     memory         decode everything once, then gather (on the GPU when training there)
-    stream         decode while training, data.image_decode as the preset says (auto: on the device on cuda)
+    stream         decode while training, data.image_decode as the preset says (auto: cpu)
     stream-cpu     stream, JPEGs decoded in the DataLoader workers
     stream-device  stream, workers only read and tokenise; the training process decodes on its device
     loader         stream-device's data alone, no model (can the readers and the decoder feed the step?)

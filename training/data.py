@@ -751,7 +751,8 @@ def open_data(data_cfg, model: str, size: int, context_bytes: int, batch_size: i
               world_size: int = 1, progress: bool = False, pin_memory: bool = False,
               device: torch.device | None = None) -> tuple[Any, dict[str, Any]]:
     """Resolve shards, subset and mode; returns (MemoryData | StreamData, notes for stats.json).
-    `device`: where training runs (data.image_decode=auto decodes stream batches there on cuda)."""
+    `device`: where training runs (stream batches go there ahead of the step; with
+    data.image_decode=device they are decoded there)."""
     paths = find_shards(data_cfg.shards)
     missing_stats = shards_without_stats(paths)
     if missing_stats:
