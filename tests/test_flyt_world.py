@@ -18,6 +18,7 @@ import torch
 
 from clipsift import cli, config
 from clipsift.runlog import read_json
+from clipsift.training.flyt.train import auc
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -61,14 +62,6 @@ def scores_table(folder: Path, column: str):
     tables = [pq.read_table(p) for p in sorted(folder.glob("*.parquet"))]
     return np.concatenate([t.column("uid").to_numpy(zero_copy_only=False) for t in tables]), \
         np.concatenate([t.column(column).to_numpy() for t in tables])
-
-
-def auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(score of a random positive > score of a random negative), ties counting half."""
-    neg = np.sort(neg)
-    below = np.searchsorted(neg, pos, "left")
-    ties = np.searchsorted(neg, pos, "right") - below
-    return float((below + 0.5 * ties).sum() / (len(pos) * len(neg)))
 
 
 def ground_truth_auc(world: Path, uids: np.ndarray, scores: np.ndarray, negatives: list[str]) -> float:
