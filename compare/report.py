@@ -139,7 +139,7 @@ def subset_overlap(compare, strategies) -> dict[str, dict[str, Any]]:
 
     out = {}
     for s in strategies:
-        scorers = sorted({sc for _, sc in compare.plan(s) if sc is not None})
+        scorers = sorted(sc for sc in _scorer_seeds(compare, s) if sc is not None)
         paths = {sc: compare.subset_path(s, sc) for sc in scorers}
         subsets = {sc: np.asarray(formats.read_subset(p)) for sc, p in paths.items() if p.is_file()}
         if len(subsets) < 2:
