@@ -88,15 +88,13 @@ class EmbedConfig(RunConfig):
     # an image with more pixels (from its header) is skipped as image_too_large, unless it is a JPEG
     # that decodes at 1/2, 1/4 or 1/8 scale within the limit (PIL draft); 0 = no limit but PIL's own
     # (2 x PIL.Image.MAX_IMAGE_PIXELS, ~179 Mpx, also an image_too_large skip)
-    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_image_pixels: Natural = MAX_IMAGE_PIXELS
     normalize: bool = True  # store L2-normalised embeddings (scores are cosines either way)
     on_missing_stats: Literal["error", "process"] = "error"  # a shard without _stats.json may be incomplete
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("models is empty: configure at least one embedding model")
-        if self.max_image_pixels < 0:
-            raise ValueError(f"max_image_pixels must be >= 0 (0 = no limit), got {self.max_image_pixels}")
         for name in self.models:
             if not name.isidentifier():
                 raise ValueError(f"model name {name!r} must be an identifier (it names npz arrays {name}_img/_txt)")

@@ -34,6 +34,7 @@ MISSING_STATS = "missing_stats_file"
 
 def run_embed(cfg: EmbedConfig, echo=print) -> dict[str, Any]:
     """Embed and score every shard of cfg.input not yet done in cfg.out; return the run's stats."""
+    config.check(cfg)  # sizes in range, for configs built in Python too
     t_start, epoch_start = time.perf_counter(), time.time()
     out = Path(cfg.out)
     shard_paths = formats.list_shards(cfg.input) if Path(cfg.input).is_dir() else []

@@ -38,6 +38,7 @@ from clipsift.pipeline.raysession import cluster, ray_session
 
 
 def run_score(cfg: ScoreConfig, echo=print) -> dict[str, Any]:
+    config.check(cfg)  # sizes in range, for configs built in Python too
     t_start = time.perf_counter()
     src, out = Path(cfg.input), Path(cfg.out)
     files = sorted(src.glob("*.parquet")) if src.is_dir() else []

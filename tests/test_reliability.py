@@ -204,6 +204,22 @@ def test_every_size_is_checked_when_the_config_loads(argv, key, tmp_path, capsys
     assert not (tmp_path / "o").exists()
 
 
+def test_sizes_are_checked_for_configs_built_in_python(tmp_path):
+    from clipsift.config import ConfigError
+    from clipsift.pipeline.config import EmbedConfig, ScoreConfig
+    from clipsift.pipeline.embed import run_embed
+    from clipsift.pipeline.score import run_score
+    from clipsift.world.config import NoiseRates, WorldConfig
+
+    with pytest.raises(ConfigError, match="^noise.junk: 1.5 is out of range"):
+        WorldConfig(noise=NoiseRates(junk=1.5))
+    # checked before the input is looked at (tmp_path holds no shards or metadata)
+    with pytest.raises(ConfigError, match="^max_image_pixels: -1 is out of range"):
+        run_embed(EmbedConfig(input=str(tmp_path), out=str(tmp_path / "o"), max_image_pixels=-1))
+    with pytest.raises(ConfigError, match="^batch_size: 0 is out of range"):
+        run_score(ScoreConfig(input=str(tmp_path), out=str(tmp_path / "o"), batch_size=0))
+
+
 def test_every_preset_is_in_range():
     import importlib
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from clipsift.config import Count, Fraction, NonNegative
+from clipsift.config import Count, Fraction, NonNegative, check
 
 
 @dataclass
@@ -52,7 +52,8 @@ class WorldConfig:
     workers: Count = 2            # processes for pool and curated shards; output is the same for any value
 
     def __post_init__(self) -> None:
-        rates = vars(self.noise)  # each in [0, 1] by its type
+        check(self)  # each rate in [0, 1] and sizes in range by their types, for configs built in Python too
+        rates = vars(self.noise)
         if sum(rates.values()) > 1:
             raise ValueError(f"noise rates must sum to at most 1, got {rates}")
         if self.image_size < 16:
