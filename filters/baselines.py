@@ -136,9 +136,6 @@ class Basic(Filter):
 
 
 # ---------------------------------------------------------------- score thresholds
-fraction_threshold = top_fraction_threshold  # the shared definition (filters/base.py)
-
-
 def check_cut(threshold: float | None, fraction: float | None, what: str, required: bool = True) -> None:
     if threshold is not None and fraction is not None:
         raise config.ConfigError(f"{what}: give threshold or fraction, not both")
@@ -157,6 +154,21 @@ def cut_report(scores: np.ndarray, threshold: float, fraction: float | None) -> 
                       ties_at_threshold=int((finite == np.float32(threshold)).sum()))
     report["passing"] = int((finite >= threshold).sum())
     return report
+
+
+def score_cut(scores: np.ndarray, threshold: float | None, fraction: float | None) -> tuple[float | None, dict[str, Any]]:
+    """The cut of a pool's scores (the given threshold, or the one a pool fraction sets) and its
+    cut_report; (None, {}) when neither is set (the filter only writes scores)."""
+    if fraction is not None:
+        threshold = top_fraction_threshold(scores, fraction)
+    return threshold, ({} if threshold is None else cut_report(scores, threshold, fraction))
+
+
+def score_verdict(batch: Batch, scores: np.ndarray, threshold: float | None) -> Verdict:
+    """The batch's rows of pool-level `scores`, kept by `threshold` (every row when None)."""
+    s = scores[batch.offset:batch.offset + len(batch)]
+    rules = [] if threshold is None else [("low_score", s >= np.float32(threshold))]
+    return Verdict.from_rules(len(batch), rules, score=s)
 
 
 @register("clip_score")
@@ -178,8 +190,8 @@ class ClipScore(Filter):
     def fit(self, pool: Pool) -> dict[str, Any]:
         scores = np.concatenate([b.column(self.column).astype(np.float32)
                                  for b in pool.batches({self.column}, set(), self.ctx.batch_size)])
-        self._threshold = self.threshold if self.fraction is None else fraction_threshold(scores, self.fraction)
-        return {"column": self.column, **cut_report(scores, self._threshold, self.fraction)}
+        self._threshold, report = score_cut(scores, self.threshold, self.fraction)
+        return {"column": self.column, **report}
 
     def apply(self, batch: Batch) -> Verdict:
         s = batch.column(self.column).astype(np.float32)

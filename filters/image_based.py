@@ -33,8 +33,8 @@ import numpy as np
 from clipsift import config
 from clipsift.filters import kmeans
 from clipsift.filters.base import Batch, Filter, FilterError, Needs, Pool, Verdict, register
-from clipsift.filters.baselines import (caption_rules, check_cut, cut_report, fasttext_token_counts,
-                                        fraction_threshold)
+from clipsift.filters.baselines import (caption_rules, check_cut, fasttext_token_counts, score_cut,
+                                        score_verdict)
 
 DATACOMP_ROWS_PER_CENTROID = 128  # 12.8M pool / 100k centroids
 IMAGENET_KEY = "image_features"  # the tensor in DataComp's in1k_clip_vit_l14_*.pt
@@ -267,15 +267,8 @@ class NormSim(Filter):
                 targets = load_downstream(self.downstream_embeddings or self.ctx.downstream_embeddings, x.shape[1])
             parts.append(normsim_scores(x, targets, self.p))
         self._scores = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-        self._threshold = self.threshold
-        if self.fraction is not None:
-            self._threshold = fraction_threshold(self._scores, self.fraction)
-        report: dict[str, Any] = {"p": self.p, "downstream_images": 0 if targets is None else len(targets)}
-        if self._threshold is not None:
-            report.update(cut_report(self._scores, self._threshold, self.fraction))
-        return report
+        self._threshold, cut = score_cut(self._scores, self.threshold, self.fraction)
+        return {"p": self.p, "downstream_images": 0 if targets is None else len(targets), **cut}
 
     def apply(self, batch: Batch) -> Verdict:
-        s = self._scores[batch.offset:batch.offset + len(batch)]
-        rules = [] if self._threshold is None else [("low_score", s >= np.float32(self._threshold))]
-        return Verdict.from_rules(len(batch), rules, score=s)
+        return score_verdict(batch, self._scores, self._threshold)

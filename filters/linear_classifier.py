@@ -24,7 +24,7 @@ import torch
 from clipsift import config
 from clipsift.filters import kmeans
 from clipsift.filters.base import Batch, Filter, FilterError, Needs, Pool, Verdict, register
-from clipsift.filters.baselines import check_cut, cut_report, fraction_threshold
+from clipsift.filters.baselines import check_cut, score_cut, score_verdict
 from clipsift.filters.image_based import gather
 from clipsift.filters.pool import MetadataPool
 
@@ -99,12 +99,8 @@ class LinearClassifier(Filter):
         self._w, self._b, report = fit_logistic(x, y, self.l2, self.iterations)
         parts = [self._logits(b) for b in pool.batches(set(), set(names), self.ctx.batch_size)]
         self._scores = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-        self._threshold = self.threshold
-        if self.fraction is not None:
-            self._threshold = fraction_threshold(self._scores, self.fraction)
-        report.update(positives=int(len(pos_x)), negatives=int(k), seed=seed)
-        if self._threshold is not None:
-            report.update(cut_report(self._scores, self._threshold, self.fraction))
+        self._threshold, cut = score_cut(self._scores, self.threshold, self.fraction)
+        report.update(positives=int(len(pos_x)), negatives=int(k), seed=seed, **cut)
         return report
 
     def _logits(self, b: Batch) -> np.ndarray:
@@ -112,6 +108,4 @@ class LinearClassifier(Filter):
         return (x @ self._w + self._b).astype(np.float32)
 
     def apply(self, batch: Batch) -> Verdict:
-        s = self._scores[batch.offset:batch.offset + len(batch)]
-        rules = [] if self._threshold is None else [("low_score", s >= np.float32(self._threshold))]
-        return Verdict.from_rules(len(batch), rules, score=s)
+        return score_verdict(batch, self._scores, self._threshold)

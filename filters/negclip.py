@@ -39,7 +39,7 @@ import torch
 
 from clipsift import config
 from clipsift.filters.base import Batch, Filter, FilterError, Needs, Pool, Verdict, register
-from clipsift.filters.baselines import check_cut, cut_report, fraction_threshold
+from clipsift.filters.baselines import check_cut, score_cut, score_verdict
 
 PAPER_BATCH = 32768
 PAPER_REPEATS = 10
@@ -128,14 +128,9 @@ class NegClipLoss(Filter):
         for g, (rows, img, txt) in enumerate(self._groups(pool, group_of, groups)):
             rng = np.random.default_rng([seed, 1, g])
             self._scores[rows] = negclip_scores(img, txt, self.batch_size, self.repeats, self.logit_scale, rng, device)
-        self._threshold = self.threshold
-        if self.fraction is not None:
-            self._threshold = fraction_threshold(self._scores, self.fraction)
-        report: dict[str, Any] = {"batch_size": self.batch_size, "repeats": self.repeats,
-                                  "logit_scale": self.logit_scale, "groups": groups, "seed": seed}
-        if self._threshold is not None:
-            report.update(cut_report(self._scores, self._threshold, self.fraction))
-        return report
+        self._threshold, cut = score_cut(self._scores, self.threshold, self.fraction)
+        return {"batch_size": self.batch_size, "repeats": self.repeats, "logit_scale": self.logit_scale,
+                "groups": groups, "seed": seed, **cut}
 
     def _groups(self, pool: Pool, group_of: np.ndarray,
                 groups: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -183,6 +178,4 @@ class NegClipLoss(Filter):
             yield b
 
     def apply(self, batch: Batch) -> Verdict:
-        s = self._scores[batch.offset:batch.offset + len(batch)]
-        rules = [] if self._threshold is None else [("low_score", s >= np.float32(self._threshold))]
-        return Verdict.from_rules(len(batch), rules, score=s)
+        return score_verdict(batch, self._scores, self._threshold)
