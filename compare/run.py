@@ -40,7 +40,7 @@ from clipsift.runlog import Timer, atomic_path, read_json, write_json
 log = logging.getLogger("clipsift.compare")
 
 # Score columns beyond the pipeline's, by the step that computes them (Compare._<step>).
-LEARNED = {"flyt_score": "flyt", "mflyt_score": "mflyt", "normsim_score": "normsim", "negclip_score": "negclip",
+LEARNED = {**SEEDED_SCORES, "normsim_score": "normsim", "negclip_score": "negclip",
            "clip_dfn_similarity_score": "dfn", "linear_classifier_score": "linear_classifier"}
 
 
@@ -374,4 +374,3 @@ class Compare:
 
 def _uses(spec, kinds: tuple[str, ...]) -> bool:
     return spec.kind in kinds or any(_uses(child, kinds) for child in spec.of)
-
