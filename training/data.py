@@ -304,6 +304,30 @@ class EncodedImages:
 
 
 @dataclass
+class _RawBatch:
+    """A device-decoded raw batch (image_decode=device) while StreamData cuts it into batches."""
+
+    index: int  # its number in the stream of raw batches
+    images: torch.Tensor
+    tokens: torch.Tensor
+    uids: list[str]
+    used: int  # samples already handed on (or, resumed mid-batch, trained on before)
+    counts: dict[str, Any] | None  # its records' counts until the first batch that takes from it
+
+    @property
+    def left(self) -> int:
+        return len(self.uids) - self.used
+
+    def take(self, n: int, counts: Counts) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Its next min(n, left) samples; its counts go to `counts` the first time."""
+        if self.counts is not None:
+            counts.merge(self.counts)
+            self.counts = None
+        a, self.used = self.used, min(self.used + n, len(self.uids))
+        return self.images[a:self.used], self.tokens[a:self.used], self.uids[a:self.used]
+
+
+@dataclass
 class Batch:
     images: torch.Tensor | None  # uint8 [b, 3, S, S] (None while `encoded`)
     tokens: torch.Tensor  # int64 [b, context]
@@ -592,35 +616,29 @@ class StreamData:
         """Raw batches from number `first` on (its first `used` samples already trained on) ->
         full batches of device-decoded images (see the class docstring)."""
         b = self.args["batch_size"]
-        held: deque[list] = deque()  # [raw index, images, tokens, uids, samples used, counts or None]
+        held: deque[_RawBatch] = deque()
         available, counts = 0, Counts()
         for r, (images, tokens, uids, raw_counts) in zip(count(first), self._decoded_raw(first)):
             skip = used if r == first else 0  # resumed mid-batch: its counts are in the checkpoint already
-            held.append([r, images, tokens, uids, skip, None if skip else raw_counts])
+            held.append(_RawBatch(r, images, tokens, uids, skip, None if skip else raw_counts))
             available += len(uids) - skip
             while available >= b:
                 parts, need = [], b
                 while need:
-                    chunk = held[0]
-                    if chunk[5] is not None:
-                        counts.merge(chunk[5])
-                        chunk[5] = None
-                    take = min(need, len(chunk[3]) - chunk[4])
-                    if take:
-                        parts.append((chunk[1][chunk[4]:chunk[4] + take], chunk[2][chunk[4]:chunk[4] + take],
-                                      chunk[3][chunk[4]:chunk[4] + take]))
-                    chunk[4] += take
-                    need -= take
-                    if chunk[4] == len(chunk[3]):
+                    part = held[0].take(need, counts)
+                    if part[2]:
+                        parts.append(part)
+                    need -= len(part[2])
+                    if not held[0].left:
                         held.popleft()
                 available -= b
-                while held and held[0][4] == len(held[0][3]):  # a raw batch that decoded to nothing
-                    counts.merge(held.popleft()[5] or {})
-                resume = (held[0][0], held[0][4]) if held else (r + 1, 0)
-                one = len(parts) == 1
-                batch = Batch(parts[0][0] if one else torch.cat([p[0] for p in parts]),
-                              parts[0][1] if one else torch.cat([p[1] for p in parts]),
-                              [u for p in parts for u in p[2]], counts.as_dict(), resume=resume)
+                while held and not held[0].left:  # a raw batch that decoded to nothing
+                    held.popleft().take(0, counts)
+                resume = (held[0].index, held[0].used) if held else (r + 1, 0)
+                cat = (lambda xs: xs[0]) if len(parts) == 1 else torch.cat  # one part: no copy
+                part_images, part_tokens, part_uids = zip(*parts)
+                batch = Batch(cat(part_images), cat(part_tokens), [u for us in part_uids for u in us], counts.as_dict(),
+                              resume=resume)
                 _finish(self.device)  # the copies are done before their sources can be freed and reused
                 yield batch
                 counts = Counts()
