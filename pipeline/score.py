@@ -169,10 +169,14 @@ def _npz_header(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 def check_inputs(files: list[Path], specs: dict[str, HeadSpec]) -> None:
     """Every file's headers against what the heads need, before any work (and before Ray starts)."""
     headers = [MetadataHeader.read(f) for f in files]
-    heads = build_heads(specs, headers[0].available())  # checks that each head's inputs can exist
-    needs = {n for h in heads.values() for n in h.needs} - set(heads)
+    needs = inputs_needed(build_heads(specs, headers[0].available()))  # checks that each head's inputs can exist
     for header in headers:
         header.check(needs)
+
+
+def inputs_needed(heads: dict[str, Any]) -> set[str]:
+    """The file inputs (columns, npz arrays) built heads read; a head may also read an earlier head's score."""
+    return {n for h in heads.values() for n in h.needs} - set(heads)
 
 
 def score_fingerprint(heads: dict[str, HeadSpec], batch_size: int) -> str:
@@ -212,7 +216,7 @@ class ScoreFiles:
         if self.heads is None:
             available = MetadataHeader.read(path).available()
             self.heads = {k: h.to(self.device) for k, h in build_heads(self.specs, available).items()}
-        needs = {name for h in self.heads.values() for name in h.needs} - set(self.heads)
+        needs = inputs_needed(self.heads)
         npz_path = path.with_suffix(".npz")
         arrays: dict[str, np.ndarray] = {}
         from_npz = needs - set(table.column_names)
@@ -230,9 +234,8 @@ class ScoreFiles:
             if a.shape[0] != n:
                 raise formats.FormatError(f"{npz_path}: {k} has {a.shape[0]} rows, {path.name} has {n}")
         finite = np.ones(n, bool)  # rows whose inputs are all finite
-        for a in arrays.values():
-            if n:
-                finite &= np.isfinite(a).reshape(n, -1).all(axis=1)
+        for a in arrays.values() if n else ():  # (an empty array cannot reshape to (0, -1))
+            finite &= np.isfinite(a).reshape(n, -1).all(axis=1)
         scores: dict[str, list[np.ndarray]] = {c: [] for c in self.heads}
         t1 = time.perf_counter()
         with torch.no_grad():
