@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from clipsift.config import Count, Fraction, Natural, NonNegative, Positive
+from clipsift.config import Count, Fraction, Natural, NonNegative, Positive, to_dict
 
 
 @dataclass
@@ -83,8 +83,6 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     """The keys (dotted) whose values differ and that would change what is learned. A key one side
     lacks (a config saved before the key existed) counts as its default, so adding an option does
     not make every earlier run stale."""
-    from clipsift.config import to_dict
-
     default = flat_config(to_dict(TrainConfig()))
     a, b = flat_config(saved), flat_config(current)
     return sorted(k for k in set(a) | set(b)
