@@ -156,7 +156,8 @@ def cut_report(scores: np.ndarray, threshold: float, fraction: float | None) -> 
     return report
 
 
-def score_cut(scores: np.ndarray, threshold: float | None, fraction: float | None) -> tuple[float | None, dict[str, Any]]:
+def score_cut(scores: np.ndarray, threshold: float | None,
+              fraction: float | None) -> tuple[float | None, dict[str, Any]]:
     """The cut of a pool's scores (the given threshold, or the one a pool fraction sets) and its
     cut_report; (None, {}) when neither is set (the filter only writes scores)."""
     if fraction is not None:
