@@ -83,18 +83,19 @@ def metadata(tmp_path_factory):
     return folder
 
 
-def datacomp_subset(rows: set[int]) -> np.ndarray:
+def datacomp_subset(rows: set[int], uids: list[str] = UIDS) -> np.ndarray:
     """What DataComp's baselines save for these rows: u8,u8 pairs, then uids.sort()."""
-    arr = np.array([(int(UIDS[i][:16], 16), int(UIDS[i][16:32], 16)) for i in sorted(rows)], np.dtype("u8,u8"))
+    arr = np.array([(int(uids[i][:16], 16), int(uids[i][16:32], 16)) for i in sorted(rows)], np.dtype("u8,u8"))
     arr.sort()
     return arr
 
 
-def run_preset(metadata, tmp_path, name: str, *overrides: str) -> np.ndarray:
+def run_preset(metadata, tmp_path, name: str, *overrides: str) -> tuple[np.ndarray, dict]:
+    """`clipsift filter -p name` into tmp_path/name: (subset.npy, stats)."""
     cfg = config.load(FilterRunConfig, config.preset_path("filters", name),
                       [f"metadata={metadata}", f"out={tmp_path / name}", *overrides])
-    filter_cli.run(cfg, log=lambda s: None)
-    return np.load(tmp_path / name / "subset.npy")
+    stats = filter_cli.run(cfg, log=lambda s: None)
+    return np.load(tmp_path / name / "subset.npy"), stats
 
 
 def test_language_labels_the_rules_read():
@@ -105,7 +106,7 @@ def test_language_labels_the_rules_read():
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))
 def test_baseline_keeps_the_hand_computed_uids(metadata, tmp_path, preset):
-    got = run_preset(metadata, tmp_path, preset)
+    got, _ = run_preset(metadata, tmp_path, preset)
     expected = datacomp_subset(EXPECTED[preset])
     assert formats.u8u8_to_uids(got) == formats.u8u8_to_uids(expected)
     assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes()
@@ -113,10 +114,10 @@ def test_baseline_keeps_the_hand_computed_uids(metadata, tmp_path, preset):
 
 def test_top_fraction_ties_at_the_cut_are_kept(metadata, tmp_path):
     # B/32 top 40%: rank int(6.4) = 6 of .50 .45 .40 .35 .33 .31 [.30] .30 .30 -> all three .30 rows kept
-    got = run_preset(metadata, tmp_path, "clip_score_b32_30", "filter.args.fraction=0.4")
+    got, _ = run_preset(metadata, tmp_path, "clip_score_b32_30", "filter.args.fraction=0.4")
     assert got.tobytes() == datacomp_subset({8, 13, 1, 0, 10, 11, 5, 6, 14}).tobytes()
     # a fixed threshold compares in float32, as pandas does on the float32 column
-    got = run_preset(metadata, tmp_path, "clip_score_b32_30", "filter.args={column: b32, threshold: 0.28}")
+    got, _ = run_preset(metadata, tmp_path, "clip_score_b32_30", "filter.args={column: b32, threshold: 0.28}")
     assert got.tobytes() == datacomp_subset({0, 1, 2, 5, 6, 8, 9, 10, 11, 13, 14}).tobytes()
 
 
@@ -132,7 +133,7 @@ def test_language_models_load_only_for_filters_that_use_them(metadata, tmp_path)
 def test_py3langid_stays_an_option(metadata, tmp_path):
     # py3langid calls row 7 French (the disagreement that made clipsift's basic differ from DataComp's)
     assert identifier("py3langid").predict([ROWS[7][0]]).tolist() == ["fr"]
-    got = run_preset(metadata, tmp_path, "basic", "lang.backend=py3langid")
+    got, _ = run_preset(metadata, tmp_path, "basic", "lang.backend=py3langid")
     assert 7 not in {UIDS.index(u) for u in formats.u8u8_to_uids(got)}
 
 
@@ -193,26 +194,14 @@ def image_pool(tmp_path_factory):
     return folder, files
 
 
-def image_subset(rows: set[int]) -> np.ndarray:
-    arr = np.array([(int(IMAGE_UIDS[i][:16], 16), int(IMAGE_UIDS[i][16:], 16)) for i in rows], np.dtype("u8,u8"))
-    arr.sort()
-    return arr
-
-
-def run_image_based(pool, tmp_path, *overrides: str, preset: str = "image_based") -> tuple[np.ndarray, dict]:
-    cfg = config.load(FilterRunConfig, config.preset_path("filters", preset),
-                      [f"metadata={pool}", f"out={tmp_path}", *overrides])
-    stats = filter_cli.run(cfg, log=lambda s: None)
-    return np.load(tmp_path / "subset.npy"), stats
-
-
 def test_image_based_with_datacomp_files_keeps_the_hand_computed_uids(image_pool, tmp_path):
     pool, files = image_pool
     assert identifier("fasttext").predict([r[0] for r in IMAGE_ROWS]).tolist() == \
         ["en", "en", "de", "en", "en", "en", "en", "en", "en"]
     imagenet = f"filter.args.imagenet_embeddings=[{files}/in1k_clip_vit_l14_0.pt, {files}/in1k_clip_vit_l14_1.pt]"
-    got, stats = run_image_based(pool, tmp_path / "a", f"filter.args.centroids={files}/small_centroids.pt", imagenet)
-    assert got.tobytes() == image_subset(IMAGE_EXPECTED).tobytes()
+    got, stats = run_preset(pool, tmp_path / "a", "image_based", f"filter.args.centroids={files}/small_centroids.pt",
+                            imagenet)
+    assert got.tobytes() == datacomp_subset(IMAGE_EXPECTED, IMAGE_UIDS).tobytes()
     fit = stats["filters"]["image_based"]["fit"]
     assert (fit["centroids"], fit["imagenet_images"], fit["target_centroid_ids"]) == (4, 2, 2)
     assert stats["filters"]["image_based"]["counts"]["dropped"] == {
@@ -220,9 +209,9 @@ def test_image_based_with_datacomp_files_keeps_the_hand_computed_uids(image_pool
     saved = np.load(fit["target_centroids_saved"])
     assert saved.tolist() == [0, 2]
     # the saved ids, a .npy of centroids, and torch's einsum (device=cpu) give the same subset
-    got, _ = run_image_based(pool, tmp_path / "b", f"filter.args.centroids={files}/centroids.npy",
+    got, _ = run_preset(pool, tmp_path / "b", "image_based", f"filter.args.centroids={files}/centroids.npy",
                              f"filter.args.target_centroids={fit['target_centroids_saved']}", "filter.args.device=cpu")
-    assert got.tobytes() == image_subset(IMAGE_EXPECTED).tobytes()
+    assert got.tobytes() == datacomp_subset(IMAGE_EXPECTED, IMAGE_UIDS).tobytes()
 
 
 def test_image_based_intersect_clip_score_preset_takes_the_files(image_pool, tmp_path):
@@ -230,8 +219,8 @@ def test_image_based_intersect_clip_score_preset_takes_the_files(image_pool, tmp
     of = (f"filter.of=[{{kind: image_based, args: {{centroids: {files}/centroids.npy, "
           f"imagenet_embeddings: [{files}/in1k_clip_vit_l14_0.pt, {files}/in1k_clip_vit_l14_1.pt]}}}}, "
           f"{{kind: no_filter}}]")
-    got, _ = run_image_based(pool, tmp_path, of, preset="image_based_clip_l14_30")
-    assert got.tobytes() == image_subset(IMAGE_EXPECTED).tobytes()
+    got, _ = run_preset(pool, tmp_path, "image_based_clip_l14_30", of)
+    assert got.tobytes() == datacomp_subset(IMAGE_EXPECTED, IMAGE_UIDS).tobytes()
 
 
 @pytest.mark.parametrize("make, args, message", [
@@ -254,5 +243,5 @@ def test_image_based_bad_files_are_one_line_errors(image_pool, tmp_path, make, a
     if make is not None:
         make(files)
     with pytest.raises(FilterError, match=message) as err:
-        run_image_based(pool, tmp_path, f"filter.args={args.replace('X', str(files))}")
+        run_preset(pool, tmp_path, "image_based", f"filter.args={args.replace('X', str(files))}")
     assert "\n" not in str(err.value)
