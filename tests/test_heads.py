@@ -75,18 +75,17 @@ def _run(pool, tmp_path, **args):
 
 
 def test_negclip_filter_scores_the_pool_and_spills_a_large_one(tmp_path):
-    pool = _pool()
-    res = _run(pool, tmp_path, batch_size=32, repeats=4, logit_scale=10.0)
+    pool, args = _pool(), {"batch_size": 32, "repeats": 4, "logit_scale": 10.0}
+    res = _run(pool, tmp_path, **args)
     score = res.scores["negclip"]
     assert score.shape == (600,) and np.isfinite(score).all() and res.keep.all()
     assert np.corrcoef(score, -np.arange(600))[0, 1] > 0.5  # noisier captions score lower
     # three groups through spill files: every row scored once, from its own embeddings
-    spilled = _run(pool, tmp_path, batch_size=32, repeats=4, logit_scale=10.0, memory_rows=250).scores["negclip"]
+    spilled = _run(pool, tmp_path, **args, memory_rows=250).scores["negclip"]
     assert np.isfinite(spilled).all() and np.corrcoef(score, spilled)[0, 1] > 0.95
     assert not any((tmp_path / "work" / "negclip").iterdir())  # spill files removed
-    np.testing.assert_array_equal(spilled, _run(pool, tmp_path, batch_size=32, repeats=4, logit_scale=10.0,
-                                                memory_rows=250).scores["negclip"])
-    kept = _run(pool, tmp_path, batch_size=32, repeats=4, logit_scale=10.0, fraction=0.25)
+    np.testing.assert_array_equal(spilled, _run(pool, tmp_path, **args, memory_rows=250).scores["negclip"])
+    kept = _run(pool, tmp_path, **args, fraction=0.25)
     # DataComp's cut: every row scoring at least the score at rank int(600 * 0.25) = 150, itself included
     assert kept.keep.sum() == 151 and score[kept.keep].min() >= score[~kept.keep].max()
 
