@@ -73,12 +73,15 @@ def english_rule(filt: Filter, batch: Batch) -> tuple[str, Any]:
     return ("not_english", lambda keep: filt.ctx.lang.english(batch, backend, np.flatnonzero(keep)))
 
 
-def caption_rules(filt: Filter, batch: Batch, min_words: int, min_chars: int, english: bool,
+def english_last(filt: Filter, batch: Batch, rules: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The rules, then the English rule when the filter's `english` is on (last: it is the costly one)."""
+    return rules + [english_rule(filt, batch)] if filt.english else rules  # type: ignore[attr-defined]
+
+
+def caption_rules(batch: Batch, min_words: int, min_chars: int,
                   words: Callable[[Batch], np.ndarray] = word_counts) -> list[tuple[str, Any]]:
-    rules: list[tuple[str, Any]] = [("missing_text", has_text(batch)),
-                                    ("too_few_words", words(batch) >= min_words),
-                                    ("too_short", char_counts(batch) >= min_chars)]
-    return rules + [english_rule(filt, batch)] if english else rules
+    return [("missing_text", has_text(batch)), ("too_few_words", words(batch) >= min_words),
+            ("too_short", char_counts(batch) >= min_chars)]
 
 
 def size_rules(batch: Batch, min_side: int, max_aspect: float) -> list[tuple[str, Any]]:
@@ -130,9 +133,8 @@ class Basic(Filter):
         return Needs(frozenset({"text", "original_width", "original_height"}))
 
     def apply(self, batch: Batch) -> Verdict:
-        rules = caption_rules(self, batch, self.min_words, self.min_chars, english=False)
-        rules += size_rules(batch, self.min_side, self.max_aspect)
-        return Verdict.from_rules(len(batch), rules + ([english_rule(self, batch)] if self.english else []))
+        rules = caption_rules(batch, self.min_words, self.min_chars) + size_rules(batch, self.min_side, self.max_aspect)
+        return Verdict.from_rules(len(batch), english_last(self, batch, rules))
 
 
 # ---------------------------------------------------------------- score thresholds
@@ -250,7 +252,7 @@ class TextBased(Filter):
     def apply(self, batch: Batch) -> Verdict:
         names = np.fromiter((self.names_class(t) for t in texts(batch)), dtype=bool, count=len(batch))
         rules: list[tuple[str, Any]] = [("missing_text", has_text(batch)), ("no_in21k_word", names)]
-        return Verdict.from_rules(len(batch), rules + ([english_rule(self, batch)] if self.english else []))
+        return Verdict.from_rules(len(batch), english_last(self, batch, rules))
 
     def fit(self, pool: Pool) -> dict[str, Any]:
         return dict(self._resources)
@@ -338,7 +340,7 @@ class TextBasedWorld(Filter):
     def apply(self, batch: Batch) -> Verdict:
         names = np.fromiter((self.names_concept(t) for t in texts(batch)), dtype=bool, count=len(batch))
         rules: list[tuple[str, Any]] = [("missing_text", has_text(batch)), ("no_concept", names)]
-        return Verdict.from_rules(len(batch), rules + ([english_rule(self, batch)] if self.english else []))
+        return Verdict.from_rules(len(batch), english_last(self, batch, rules))
 
     def fit(self, pool: Pool) -> dict[str, Any]:
         return {"concepts": len(self._concepts), "note": "class names matched by name (not DataComp's WordNet rule)"}

@@ -33,8 +33,8 @@ import numpy as np
 from clipsift import config
 from clipsift.filters import kmeans
 from clipsift.filters.base import Batch, Filter, FilterError, Needs, Pool, Verdict, register
-from clipsift.filters.baselines import (caption_rules, check_cut, fasttext_token_counts, score_cut,
-                                        score_verdict)
+from clipsift.filters.baselines import (caption_rules, check_cut, english_rule, fasttext_token_counts,
+                                        score_cut, score_verdict)
 
 DATACOMP_ROWS_PER_CENTROID = 128  # 12.8M pool / 100k centroids
 IMAGENET_KEY = "image_features"  # the tensor in DataComp's in1k_clip_vit_l14_*.pt
@@ -42,7 +42,7 @@ IMAGENET_KEY = "image_features"  # the tensor in DataComp's in1k_clip_vit_l14_*.
 
 def image_caption_rules(filt: Filter, batch: Batch) -> list[tuple[str, Any]]:
     """DataComp's image_based caption pre-filter: > 1 fastText token, > 5 characters, English."""
-    return caption_rules(filt, batch, min_words=2, min_chars=6, english=True, words=fasttext_token_counts)
+    return caption_rules(batch, min_words=2, min_chars=6, words=fasttext_token_counts) + [english_rule(filt, batch)]
 
 
 def load_array(path: str, what: str, key: str = "") -> np.ndarray:
