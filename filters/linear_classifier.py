@@ -84,7 +84,7 @@ class LinearClassifier(Filter):
         hq = MetadataPool(self.positives)
         pos = [features(b.embedding(names[0]), b.embedding(names[1]))
                for b in hq.batches(set(), set(names), self.ctx.batch_size)]
-        pos_x = np.concatenate(pos)
+        pos_x = np.concatenate(pos) if pos else np.zeros((0, 0), np.float32)  # an empty set: the error below
         k = min(pool.num_rows, self.negatives or len(pos_x))
         if k == 0 or len(pos_x) == 0:
             raise FilterError(f"linear_classifier: needs positives ({len(pos_x)} in {self.positives}) and pool rows "

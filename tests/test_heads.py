@@ -223,6 +223,13 @@ def test_linear_classifier_scores_rows_like_the_high_quality_set_higher(tmp_path
     assert res.fits["linear_classifier"]["negatives"] == 200
     with pytest.raises(ConfigError, match="positives"):
         build(FilterSpec(kind="linear_classifier", args={"model": "b32"}), ctx)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pq.write_table(pa.table({"uid": pa.array([], pa.string())}), empty / "00000000.parquet")
+    write_npz(empty / "00000000.npz", {"b32_img": img[:0], "b32_txt": txt[:0]})
+    tree = build(FilterSpec(kind="linear_classifier", args={"model": "b32", "positives": str(empty)}), ctx)
+    with pytest.raises(FilterError, match=r"needs positives \(0 in"):
+        run_filters(tree, pool, 128)
 
 
 def test_a_run_saved_before_an_option_existed_is_not_stale():
