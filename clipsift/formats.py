@@ -84,8 +84,11 @@ def uids_to_u8u8(uids: Iterable[str]) -> np.ndarray:
     except TypeError:  # not all str: the bad one is named below
         joined = ""
     try:
-        raw = bytes.fromhex(joined) if len(joined) == 32 * len(arr) and joined == joined.lower() else None
+        raw = bytes.fromhex(joined) if len(joined) == 32 * len(arr) else None
     except ValueError:
+        raw = None
+    # fromhex also takes upper case and skips whitespace (fewer bytes); 6 scans beat a lower() copy
+    if raw is not None and (len(raw) != 16 * len(arr) or any(c in joined for c in "ABCDEF")):
         raw = None
     if raw is None:  # name the first bad uid (a default: a StopIteration here would end a caller's iterator)
         i = next((i for i, u in enumerate(arr) if not is_uid(u)), 0)
@@ -116,11 +119,14 @@ def sort_subset(arr: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_subset(path: str | Path, uids: Iterable[str]) -> np.ndarray:
-    """Write a DataComp subset file: sorted u8,u8 uids, repeats kept. Returns the array."""
+def write_subset(path: str | Path, uids: Iterable[str] | np.ndarray) -> np.ndarray:
+    """Write a DataComp subset file: sorted u8,u8 uids, repeats kept. Returns the array.
+
+    `uids`: hex strings, or a u8,u8 array (any order) already converted."""
     from clipsift.runlog import atomic_path
 
-    arr = sort_subset(uids_to_u8u8(uids))
+    is_u8u8 = isinstance(uids, np.ndarray) and uids.dtype == SUBSET_DTYPE
+    arr = sort_subset(uids if is_u8u8 else uids_to_u8u8(uids))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, arr)

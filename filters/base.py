@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 import numpy as np
 
-from clipsift import config
+from clipsift import config, formats
 from clipsift.runlog import Counts, Timer
 
 
@@ -271,7 +271,7 @@ def build(spec: FilterSpec, ctx: Context, _names: set[str] | None = None, _path:
 @dataclass
 class FilterResult:
     keep: np.ndarray  # bool per pool row
-    uids: list[str]  # kept uids, pool order
+    uids: np.ndarray  # kept uids as DataComp's u8,u8 pairs (formats.SUBSET_DTYPE), pool order, unsorted
     counts: Counts  # the whole tree
     per_filter: dict[str, Counts]  # each leaf on its own
     fits: dict[str, dict[str, Any]]  # what each leaf learned in its pool pass
@@ -298,7 +298,7 @@ def run_filters(tree: Node, pool: Pool, batch_size: int = 65536) -> FilterResult
     total = Counts()
     per_filter = {leaf.name: Counts() for leaf in tree.leaves()}
     keep_parts: list[np.ndarray] = []
-    uids: list[str] = []
+    uid_parts: list[np.ndarray] = []
     score_parts: dict[str, list[np.ndarray]] = {}
     with timer("apply"):
         for batch in pool.batches(set(needs.columns), set(needs.embeddings), batch_size):
@@ -306,13 +306,15 @@ def run_filters(tree: Node, pool: Pool, batch_size: int = 65536) -> FilterResult
             if tree.op != "leaf":
                 _count(total, keep, reason)
             keep_parts.append(keep)
-            uids.extend(batch.column("uid")[keep].tolist())
+            # converted batch by batch: the kept uid strings are read while still in cache
+            uid_parts.append(formats.uids_to_u8u8(batch.column("uid")[keep]))
     if tree.op == "leaf":  # one rule: the tree's counts are the leaf's, under the leaf's name
         leaf = per_filter[tree.name]
         total.keep(leaf.kept)
         for why, k in leaf.dropped.items():
             total.drop(f"{tree.name}:{why}", k)
     keep_all = np.concatenate(keep_parts) if keep_parts else np.zeros(0, dtype=bool)
+    uids = np.concatenate(uid_parts) if uid_parts else np.zeros(0, dtype=formats.SUBSET_DTYPE)
     scores = {k: np.concatenate(v) for k, v in score_parts.items()}
     return FilterResult(keep_all, uids, total, per_filter, fits, scores, timer)
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipsift import config
+from clipsift import config, formats
 from clipsift.filters import kmeans
 from clipsift.filters.base import Context, FilterError, FilterSpec, build, run_filters
 from clipsift.filters.filter_cli import FilterRunConfig, run
@@ -47,9 +47,17 @@ def test_all_and_any_groups_combine_and_attribute_drops():
     assert res.counts.dropped["english:not_english"] == (~en).sum()
     assert res.counts.dropped["clip_score:low_score"] == (en & ~hi).sum()
     union = run_filters(build(spec({"kind": "any", "of": [{"kind": "english"},
-                                                         {"kind": "clip_score", "args": {"column": "b32", "threshold": 0.2}}]}), ctx()), pool)
+                                                         {"kind": "clip_score", "args": {"column": "b32", "threshold": 0.2}}]}), ctx()), pool,
+                        batch_size=64)  # several batches: the kept uids still come out in pool order
     assert (union.keep == (en | hi)).all()
-    assert union.uids == [u for u, k in zip(pool.columns["uid"], en | hi) if k]
+    assert formats.u8u8_to_uids(union.uids) == [u for u, k in zip(pool.columns["uid"], en | hi) if k]
+
+
+def test_a_kept_row_with_a_bad_uid_is_named():
+    pool = make_pool()
+    pool.columns["uid"][130] = pool.columns["uid"][130].upper().replace("0", "A")
+    with pytest.raises(formats.FormatError, match=f"'{pool.columns['uid'][130]}' is not 32 lowercase hex"):
+        run_filters(build(spec({"kind": "no_filter"}), ctx()), pool, batch_size=64)
 
 
 def test_repeated_filters_get_distinct_names():
