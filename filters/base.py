@@ -120,11 +120,12 @@ class Verdict:
             if callable(ok):
                 ok = ok(keep.copy())
             failed = keep & ~np.asarray(ok, dtype=bool)
-            k = int(failed.sum())
+            k = int(np.count_nonzero(failed))  # not .sum(): several times slower on bools
             if k:
                 if name not in names:
                     names.append(name)
-                codes[failed] = names.index(name) + 1
+                # failed rows were kept, so their code is 0: adding sets it, without a masked store's cost
+                codes += failed.view(np.uint8) * np.uint8(names.index(name) + 1)
                 keep &= ~failed
                 dropped[name] = dropped.get(name, 0) + k
         return cls(keep, score=score, dropped=dropped, codes=codes, names=tuple(names))
@@ -326,7 +327,7 @@ def _evaluate(node: Node, batch: Batch, per_filter: dict[str, Counts],
         if v.keep.shape != (len(batch),) or v.keep.dtype != bool:
             raise FilterError(f"filter {node.name!r} returned a keep mask of shape {v.keep.shape} / {v.keep.dtype}")
         if v.dropped is not None:
-            per_filter[node.name].keep(int(v.keep.sum()))
+            per_filter[node.name].keep(int(np.count_nonzero(v.keep)))
             for why, k in v.dropped.items():
                 per_filter[node.name].drop(why or "unspecified", k)
         else:
@@ -356,7 +357,7 @@ def _prefixed(name: str, keep: np.ndarray, reason: np.ndarray) -> np.ndarray:
 
 
 def _count(counts: Counts, keep: np.ndarray, reason: np.ndarray) -> None:
-    counts.keep(int(keep.sum()))
+    counts.keep(int(np.count_nonzero(keep)))
     if not keep.all():
         for name, k in collections.Counter(reason[~keep].tolist()).items():
             counts.drop(str(name) or "unspecified", int(k))

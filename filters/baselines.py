@@ -153,8 +153,8 @@ def cut_report(scores: np.ndarray, threshold: float, fraction: float | None) -> 
                               "missing_scores": int(len(scores) - len(finite))}
     if fraction is not None:
         report.update(fraction=fraction, rank=min(int(len(scores) * fraction), len(scores) - 1),
-                      ties_at_threshold=int((finite == np.float32(threshold)).sum()))
-    report["passing"] = int((finite >= threshold).sum())
+                      ties_at_threshold=int(np.count_nonzero(finite == np.float32(threshold))))
+    report["passing"] = int(np.count_nonzero(finite >= threshold))
     return report
 
 
@@ -191,13 +191,13 @@ class ClipScore(Filter):
         return Needs(frozenset({self.column}))
 
     def fit(self, pool: Pool) -> dict[str, Any]:
-        scores = np.concatenate([b.column(self.column).astype(np.float32)
+        scores = np.concatenate([b.column(self.column).astype(np.float32, copy=False)
                                  for b in pool.batches({self.column}, set(), self.ctx.batch_size)])
         self._threshold, report = score_cut(scores, self.threshold, self.fraction)
         return {"column": self.column, **report}
 
     def apply(self, batch: Batch) -> Verdict:
-        s = batch.column(self.column).astype(np.float32)
+        s = batch.column(self.column).astype(np.float32, copy=False)
         return Verdict.from_rules(len(batch), [("missing_score", ~np.isnan(s)),
                                                ("low_score", s >= np.float32(self._threshold))])
 
@@ -215,7 +215,7 @@ class Laion2b(Filter):
         return Needs(frozenset({"text", self.column}))
 
     def apply(self, batch: Batch) -> Verdict:
-        s = batch.column(self.column).astype(np.float32)
+        s = batch.column(self.column).astype(np.float32, copy=False)
         return Verdict.from_rules(len(batch), [
             ("missing_text", has_text(batch)), ("missing_score", ~np.isnan(s)),
             ("low_score", s >= np.float32(self.threshold)), english_rule(self, batch)])
