@@ -6,7 +6,7 @@ Metadata mode (always): a synthetic pool of --rows rows in memory (captions draw
 English vocabulary with ImageNet-class words, 10% from a German/French/Spanish one, 1-12 words;
 sizes 50-2000 px; CLIP scores ~ N(0.28, 0.05)) through no_filter, basic, clip_score (L/14 top 30%),
 laion2b and text_based, each as clipsift runs it (filters/ over the pool, then the sorted u8,u8
-subset) and as a straightforward pandas implementation of DataComp's rules would (a pandas
+subset, written to a new file each run) and as a straightforward pandas implementation of DataComp's rules would (a pandas
 DataFrame; per-row `apply` of fastText / cld3 / the WordNet lookup and of len(text.split()),
 hex uids parsed per kept row, np.sort of the pool for the fraction threshold, then uids.sort()).
 Both produce the subset array; the run checks they are equal. Model and WordNet loading is timed
@@ -180,15 +180,17 @@ def bench_baselines(pool: ArrayPool, repeats: int, cases: list[str], previous: d
     startup["total_s"] = round(time.perf_counter() - t0, 3)
     out: dict = {k: v for k, v in previous.items() if k in CASES}  # cases not run this time keep their figures
     out["startup"] = startup
-    tmp = tempfile.mkdtemp()
+    tmp = tempfile.TemporaryDirectory()
     for name in cases:
         spec, ref = CASES[name]
         ours_s, ref_s = [], []
-        for _ in range(repeats):
+        for r in range(repeats):
             load_wordnet("")._cache.clear()  # no lookups carried over from an earlier run
             ctx = Context(lang=Languages(), seed=0, log=lambda s: None)
             t = time.perf_counter()
-            ours, info = run_clipsift(spec, pool, ctx, Path(tmp) / f"{name}.npy")
+            # a new file per run, as each `clipsift filter` run writes its own out folder (replacing
+            # the last run's file made ext4 flush it first: a few ms that are no part of a run)
+            ours, info = run_clipsift(spec, pool, ctx, Path(tmp.name) / f"{name}_{r}.npy")
             ours_s.append(time.perf_counter() - t)
             t = time.perf_counter()
             expected = ref(df, models)
@@ -207,6 +209,7 @@ def bench_baselines(pool: ArrayPool, repeats: int, cases: list[str], previous: d
         print(f"{name:<18} clipsift {out[name]['clipsift_rows_per_s']:>10,} rows/s   reference "
               f"{out[name]['reference_rows_per_s']:>9,} rows/s   x{out[name]['speedup']:<6} kept {len(ours):,}",
               flush=True)
+    tmp.cleanup()
     return out
 
 
