@@ -244,15 +244,10 @@ class ImageFailure:
 def decode_image(data: bytes, plan: Plan) -> tuple[dict[str, np.ndarray], ImageFailure | None]:
     """Every image array the plan needs, or why not (undecodable bytes, or too many pixels)."""
     try:
-        with warnings.catch_warnings():  # PIL warns past its own limit; ours (lower) decides below
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-        with img:
+        with open_image(data) as img:
             if plan.jpeg_draft:  # JPEG only (a no-op for other formats): the largest scale-down that still covers every input size
                 img.draft(None, (max(p.shape[1] for p in plan.images), max(p.shape[0] for p in plan.images)))
-            too_large = fit_pixel_limit(img, plan.max_image_pixels)
-            if too_large:
-                return {}, ImageFailure(shards.IMAGE_TOO_LARGE, too_large)
+            fit_pixel_limit(img, plan.max_image_pixels)
             img.load()  # decodes fully: truncated data raises here, not later
             out = {}
             for p in plan.images:
@@ -262,20 +257,42 @@ def decode_image(data: bytes, plan: Plan) -> tuple[dict[str, np.ndarray], ImageF
                     return {}, ImageFailure(shards.CORRUPT_IMAGE, f"preprocessed to shape {arr.shape}, expected {p.shape}")
                 out[p.key] = arr
             return out, None
-    except Image.DecompressionBombError as e:  # past PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS)
-        return {}, ImageFailure(shards.IMAGE_TOO_LARGE, shards.describe_error(e))
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
-        return {}, ImageFailure(shards.CORRUPT_IMAGE, shards.describe_error(e))
+        return {}, image_failure(e)
 
 
-def fit_pixel_limit(img: Image.Image, limit: int) -> str:
-    """"" when opened image `img` fits `limit` pixels (0: no limit), if need be by setting a JPEG
-    to decode at the least reduction (1/2, 1/4, 1/8) that fits; otherwise why it does not fit."""
+# The pixel limit, shared by every decoder of encoded images (this stage, pipeline.device_decode,
+# training.data): open_image reads the header, fit_pixel_limit checks it before anything is decoded.
+# PIL's own soft-limit warning (Image.MAX_IMAGE_PIXELS) is silenced once here, as ours (lower) decides:
+# catch_warnings per call is not thread-safe, and training decodes in threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class ImageTooLarge(ValueError):
+    """More pixels than max_image_pixels (the message gives the size)."""
+
+
+def open_image(data: bytes) -> Image.Image:
+    """`data` opened by PIL: its header read, no pixels decoded yet. Raises PIL's error for bytes it
+    cannot identify, and DecompressionBombError past PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS)."""
+    return Image.open(io.BytesIO(data))
+
+
+def fit_pixel_limit(img: Image.Image, limit: int) -> None:
+    """Make opened image `img` fit `limit` pixels (0: no limit), if need be by setting a JPEG to
+    decode at the least reduction (1/2, 1/4, 1/8) that fits; raise ImageTooLarge when it cannot."""
     w, h = img.size
     if not limit or w * h <= limit:
-        return ""
+        return
     scale = next((s for s in (2, 4, 8) if -(-w // s) * -(-h // s) <= limit), 8)  # draft rounds sizes up
     img.draft(None, (max(w // scale, 1), max(h // scale, 1)))  # JPEG only: other formats keep their size
-    if img.size[0] * img.size[1] <= limit:
-        return ""
-    return f"{w}x{h} = {w * h / 1e6:.1f} Mpx, over max_image_pixels={limit}"
+    if img.size[0] * img.size[1] > limit:
+        raise ImageTooLarge(f"{w}x{h} = {w * h / 1e6:.1f} Mpx, over max_image_pixels={limit}")
+
+
+def image_failure(e: Exception) -> ImageFailure:
+    """Why an image failed to decode: image_too_large (ours or PIL's limit), else corrupt_image."""
+    if isinstance(e, ImageTooLarge):
+        return ImageFailure(shards.IMAGE_TOO_LARGE, str(e))
+    too_large = isinstance(e, Image.DecompressionBombError)
+    return ImageFailure(shards.IMAGE_TOO_LARGE if too_large else shards.CORRUPT_IMAGE, shards.describe_error(e))

@@ -13,19 +13,17 @@ reason and detail either way.
 A JPEG that does not end in its EOI marker (truncated) is not offered to the batch decoder at all:
 nvJPEG may return partial pixels where libjpeg and PIL refuse the file.
 
-decode_jpegs and resize_crop are also training's stream decoder (training.data, image_decode=device).
+decode_jpegs, resize_crop and within_limit are also training's stream decoder (training.data, image_decode=device).
 """
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from functools import lru_cache
 
 import torch
-from PIL import Image
 
-from clipsift.pipeline.decode import ImageFailure, decode_image
+from clipsift.pipeline.decode import ImageFailure, decode_image, open_image
 from clipsift.pipeline.encoders import ImagePrep, Plan, PlanError
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -100,9 +98,8 @@ def within_limit(data: bytes, limit: int) -> bool:
     if not limit:
         return True
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            w, h = Image.open(io.BytesIO(data)).size
+        with open_image(data) as img:
+            w, h = img.size
     except Exception:  # the CPU path names the error
         return False
     return w * h <= limit
