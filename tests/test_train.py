@@ -418,11 +418,17 @@ def _write_jpeg_shards(folder: Path, shape: tuple[int, int], damage=lambda shard
 
 
 def _shards_with_a_jpeg_only_the_decoder_refuses(folder: Path) -> str:
-    """Two shards of 40 JPEGs; one record starts and ends like a complete JPEG but is garbage between."""
+    """Two shards of 40 JPEGs; one record is a complete JPEG with a readable header (its size, within
+    the pixel limit) but without its quantization tables: no decoder can decode it."""
     def damage(shard, row, data, rng):
         if (shard, row) != (1, 7):
             return data
-        return b"\xff\xd8\xff" + bytes(rng.integers(0, 255, 300, dtype=np.uint8)) + b"\xff\xd9"
+        out, i = bytearray(data[:2]), 2
+        while data[i + 1] != 0xDA:  # the segments before the scan (SOS), less the DQT ones
+            n = 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            out += data[i:i + n] if data[i + 1] != 0xDB else b""
+            i += n
+        return bytes(out + data[i:])
 
     _write_jpeg_shards(folder, (40, 30), damage)
     return f"{1:016x}{7:016x}"
@@ -430,9 +436,10 @@ def _shards_with_a_jpeg_only_the_decoder_refuses(folder: Path) -> str:
 
 @pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")  # per call, in threads
 def test_device_decode_fills_the_place_of_an_image_only_the_decoder_refuses_and_resumes_exactly(tmp_path):
-    """A JPEG that passes the workers' completeness check but will not decode: dropped and counted
-    in the training process, the next samples move up so every batch stays full, and a stream
-    restarted from any batch's state() continues with exactly the batches that followed."""
+    """A JPEG that passes the workers' checks (complete, header within the pixel limit) but will not
+    decode: dropped and counted in the training process, the next samples move up so every batch
+    stays full, and a stream restarted from any batch's state() continues with exactly the batches
+    that followed."""
     folder = tmp_path / "shards"
     bad = _shards_with_a_jpeg_only_the_decoder_refuses(folder)
     paths = find_shards(folder)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from clipsift.config import Count, Fraction, Natural, NonNegative, Positive, to_dict
+from clipsift.pipeline.config import MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -31,6 +32,10 @@ class DataConfig:
     # call on its device (nvJPEG on a GPU) and resizes/crops there. auto: cpu (measured faster on
     # an H100 with 16 cores; docs/results/performance.md).
     image_decode: Literal["auto", "cpu", "device"] = "auto"
+    # an image with more pixels (from its header, before decoding) is skipped as image_too_large,
+    # unless a JPEG fits at a draft reduction (1/2, 1/4, 1/8): it is decoded reduced. The pipeline's
+    # max_image_pixels and default (36 Mpx); 0 = no limit but PIL's own (~179 Mpx)
+    max_image_pixels: Natural = MAX_IMAGE_PIXELS
 
 
 @dataclass

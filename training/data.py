@@ -21,12 +21,14 @@ Two ways to feed the model, with the same selection rules and the same skip acco
 Selection: with a subset file, a sample whose uid appears k times there is used k times per pass
 (weight k; uids not listed: weight 0, counted as not_in_subset). Without one, every readable
 sample has weight 1 (a resharded subset already holds its repeats as separate samples).
-Unusable samples are counted by read_shard's reasons plus CORRUPT_IMAGE (decode failed).
+Unusable samples are counted by read_shard's reasons plus CORRUPT_IMAGE (decode failed) and
+IMAGE_TOO_LARGE: every decoder here applies the pipeline's pixel limit (data.max_image_pixels, the
+pipeline's max_image_pixels and default; pipeline.decode.fit_pixel_limit) from the image's header,
+before decoding, so a decompression bomb in the shards is a counted skip, not a full decode.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import warnings
 import queue
@@ -40,13 +42,14 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from clipsift import formats, shards
 from clipsift.config import ConfigError
 from clipsift.eval.models import tokenizer
-from clipsift.pipeline.device_decode import complete_jpeg, decode_jpegs, resize_crop
+from clipsift.pipeline.config import MAX_IMAGE_PIXELS
+from clipsift.pipeline.decode import fit_pixel_limit, image_failure, open_image
+from clipsift.pipeline.device_decode import complete_jpeg, decode_jpegs, resize_crop, within_limit
 from clipsift.runlog import Counts
 
 log = logging.getLogger("clipsift.training")
@@ -119,20 +122,25 @@ def _torchvision_decoder():
 _TV_DECODE = _torchvision_decoder()
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
+def decode_image(data: bytes, size: int, max_image_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Encoded image -> uint8 [3, size, size]: shortest side resized to `size` (bicubic, antialiased),
-    centre crop, as open_clip's eval preprocessing does. Raises on any undecodable input.
+    centre crop, as open_clip's eval preprocessing does. Raises on any undecodable input, and
+    pipeline.decode.ImageTooLarge when the header gives more than `max_image_pixels` (0: no limit),
+    unless a JPEG fits at a draft reduction: it is decoded reduced, as the pipeline does.
 
-    torchvision's C++ decoders first (3-4x faster than PIL on small JPEGs; they refuse truncated
-    files exactly where PIL does), PIL for the formats they lack (BMP, TIFF, ...)."""
-    try:
-        if _TV_DECODE is None:
-            raise RuntimeError("no torchvision decoder")
-        img = _TV_DECODE(data)
-    except RuntimeError:
-        pil = Image.open(io.BytesIO(data))
-        pil.load()  # a truncated file raises here rather than decoding garbage
-        img = torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
+    The header is read by PIL first (~17 us a JPEG). Then torchvision's C++ decoders (3-4x faster than PIL
+    on small JPEGs; they refuse truncated files exactly where PIL does), PIL for the formats they
+    lack (BMP, TIFF, ...) and for a JPEG decoded reduced."""
+    with open_image(data) as pil:
+        full_size = pil.size
+        fit_pixel_limit(pil, max_image_pixels)
+        img = None
+        if _TV_DECODE is not None and pil.size == full_size:
+            with contextlib.suppress(RuntimeError):
+                img = _TV_DECODE(data)
+        if img is None:
+            pil.load()  # a truncated file raises here rather than decoding garbage
+            img = torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
     return resize_crop(img, (size, size)).numpy()
 
 
@@ -149,13 +157,14 @@ class DecodedShard:
 
 
 def decode_shard(path: Path, size: int, subset: SubsetWeights | None, cache: str | Path | None = None,
-                 keep_jpegs: bool = False) -> DecodedShard:
+                 keep_jpegs: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS) -> DecodedShard:
     """The shard's selected samples, decoded. With `cache` (a folder), the shard's records are
     decoded once into cache/<stem>-<size>px.npz and later calls only select from it: runs over
     the same shards with different subsets (a compare) decode each shard once. With keep_jpegs,
-    complete JPEGs stay encoded (the device decodes them); anything else is decoded here."""
+    complete JPEGs within max_image_pixels stay encoded (the device decodes them); anything else
+    is decoded here (see decode_image)."""
     if cache:
-        return _select(_cached_records(path, size, Path(cache)), subset)
+        return _select(_cached_records(path, size, Path(cache), max_image_pixels), subset)
     counts = Counts()
     records = []
     for rec in shards.read_shard(path):
@@ -172,9 +181,12 @@ def decode_shard(path: Path, size: int, subset: SubsetWeights | None, cache: str
         if w == 0:
             counts.drop(NOT_IN_SUBSET)
             continue
-        image = rec.image if keep_jpegs and complete_jpeg(rec.image) else _decode_or_none(rec, size, path)
-        if image is None:
-            counts.drop(shards.CORRUPT_IMAGE)
+        if keep_jpegs and complete_jpeg(rec.image) and within_limit(rec.image, max_image_pixels):
+            image, failed = rec.image, ""
+        else:
+            image, failed = _decode(rec, size, max_image_pixels, path)
+        if failed:
+            counts.drop(failed)
             continue
         counts.keep()
         uids.append(rec.uid)
@@ -191,53 +203,56 @@ def decode_shard(path: Path, size: int, subset: SubsetWeights | None, cache: str
     )
 
 
-def _decode_or_none(rec: shards.Sample, size: int, path: Path) -> np.ndarray | None:
+def _decode(rec: shards.Sample, size: int, max_image_pixels: int, path: Path) -> tuple[np.ndarray | None, str]:
+    """(the sample's image decoded, "") or (None, why not: corrupt_image or image_too_large)."""
     try:
-        return decode_image(rec.image, size)
-    except Exception as e:  # undecodable bytes of any kind: the caller counts it, never crash
-        log.debug("%s %s: %s: %s", path.name, rec.key, shards.CORRUPT_IMAGE, f"{type(e).__name__}: {e}")
-        return None
+        return decode_image(rec.image, size, max_image_pixels), ""
+    except Exception as e:  # undecodable or too large: the caller counts it, never crash
+        failure = image_failure(e)
+        log.debug("%s %s: %s: %s", path.name, rec.key, failure.reason, failure.detail)
+        return None, failure.reason
 
 
 @dataclass
 class _ShardRecords:
-    """Every readable record of a shard, decoded (ok=False: the image would not decode)."""
+    """Every readable record of a shard, decoded (or why its image was not)."""
 
     uids: np.ndarray  # str [n]
     texts: np.ndarray  # str [n]
-    images: np.ndarray  # uint8 [n, 3, S, S], zeros where not ok
-    ok: np.ndarray  # bool [n]
+    images: np.ndarray  # uint8 [n, 3, S, S], zeros where failed
+    failed: np.ndarray  # str [n]: "" (decoded), corrupt_image or image_too_large
     skips: dict[str, int]  # read_shard's skips by reason
 
 
-def _cached_records(path: Path, size: int, cache: Path) -> _ShardRecords:
+def _cached_records(path: Path, size: int, cache: Path, max_image_pixels: int) -> _ShardRecords:
     import json
 
     from clipsift.runlog import atomic_path
 
     target = cache / f"{path.stem}-{size}px.npz"
     stat = path.stat()
-    source = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"  # a rewritten shard invalidates it
+    # a rewritten shard, or another pixel limit, invalidates it
+    source = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|max_image_pixels={max_image_pixels}"
     if target.is_file():
         with np.load(target) as z:
             if str(z["source"]) == source:
-                return _ShardRecords(z["uids"], z["texts"], z["images"], z["ok"], json.loads(str(z["skips"])))
+                return _ShardRecords(z["uids"], z["texts"], z["images"], z["failed"], json.loads(str(z["skips"])))
     skips, recs = Counts(), []
     for rec in shards.read_shard(path):
         if isinstance(rec, shards.Skip):
             skips.drop(rec.reason)
         else:
             recs.append(rec)
-    decoded = [_decode_or_none(r, size, path) for r in recs]
+    decoded = [_decode(r, size, max_image_pixels, path) for r in recs]
     images = np.zeros((len(recs), 3, size, size), np.uint8)
-    for i, image in enumerate(decoded):
+    for i, (image, _) in enumerate(decoded):
         if image is not None:
             images[i] = image
     out = _ShardRecords(np.array([r.uid for r in recs], dtype=str), np.array([r.text for r in recs], dtype=str),
-                        images, np.array([d is not None for d in decoded], dtype=bool), skips.as_dict()["dropped"])
+                        images, np.array([failed for _, failed in decoded], dtype=str), skips.as_dict()["dropped"])
     with atomic_path(target) as tmp, open(tmp, "wb") as f:
-        np.savez(f, uids=out.uids, texts=out.texts, images=out.images, ok=out.ok, skips=json.dumps(out.skips),
-                 source=source)
+        np.savez(f, uids=out.uids, texts=out.texts, images=out.images, failed=out.failed,
+                 skips=json.dumps(out.skips), source=source)
     return out
 
 
@@ -251,10 +266,12 @@ def _select(recs: _ShardRecords, subset: SubsetWeights | None) -> DecodedShard:
     else:
         weights, hits = np.ones(len(recs.uids), np.int64), np.zeros(0, np.int64)
     chosen = weights > 0
-    keep = chosen & recs.ok
-    for reason, n in ((NOT_IN_SUBSET, int((~chosen).sum())), (shards.CORRUPT_IMAGE, int((chosen & ~recs.ok).sum()))):
-        if n:
-            counts.drop(reason, n)
+    ok = recs.failed == ""
+    keep = chosen & ok
+    if (~chosen).any():
+        counts.drop(NOT_IN_SUBSET, int((~chosen).sum()))
+    for reason, n in zip(*np.unique(recs.failed[chosen & ~ok], return_counts=True)):
+        counts.drop(str(reason), int(n))
     counts.keep(int(keep.sum()))
     return DecodedShard(uids=recs.uids[keep].tolist(), images=recs.images[keep], texts=recs.texts[keep].tolist(),
                         weights=weights[keep].astype(np.int64), counts=counts.as_dict(), subset_hits=hits)
@@ -278,12 +295,14 @@ class EncodedImages:
                    torch.from_numpy(np.stack([images[i] for i in rows])) if rows else
                    torch.zeros((0, 3, size, size), dtype=torch.uint8), torch.tensor(rows, dtype=torch.int64))
 
-    def decode(self, size: int, device: torch.device) -> tuple[torch.Tensor, list[bool]]:
-        """uint8 [n_ok, 3, S, S] on `device` and which rows decoded: the JPEGs in one batched call on
-        the device, resized there; a JPEG the device refuses goes through the CPU decoder, as in
-        image_decode=cpu, and a row neither decodes is left out (the caller counts it)."""
+    def decode(self, size: int, device: torch.device, max_image_pixels: int) -> tuple[torch.Tensor, list[str]]:
+        """uint8 [n_ok, 3, S, S] on `device` and per row why it failed ("": decoded): the JPEGs (the
+        worker kept only those within max_image_pixels) in one batched call on the device, resized
+        there; a JPEG the device refuses goes through the CPU decoder, as in image_decode=cpu, and a
+        row neither decodes is left out (the caller counts it)."""
         n = len(self.offsets) - 1
         out: list[torch.Tensor | None] = [None] * n
+        failed = [""] * n
         for row, px in zip(self.pixel_rows.tolist(), self.pixels):
             out[row] = px.to(device)
         bounds = self.offsets.tolist()
@@ -294,13 +313,14 @@ class EncodedImages:
                 out[i] = resize_crop(img, (size, size))
                 continue
             try:
-                out[i] = torch.from_numpy(decode_image(data.numpy().tobytes(), size)).to(device)
+                out[i] = torch.from_numpy(decode_image(data.numpy().tobytes(), size, max_image_pixels)).to(device)
             except Exception as e:  # undecodable on the CPU too: counted by the caller
-                log.debug("%s: %s", shards.CORRUPT_IMAGE, f"{type(e).__name__}: {e}")
-        ok = [img is not None for img in out]
+                failure = image_failure(e)
+                failed[i] = failure.reason
+                log.debug("%s: %s", failure.reason, failure.detail)
         kept = [img for img in out if img is not None]
         images = torch.stack(kept) if kept else torch.zeros((0, 3, size, size), dtype=torch.uint8, device=device)
-        return images, ok
+        return images, failed
 
 
 @dataclass
@@ -348,15 +368,16 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 # ---------------------------------------------------------------- memory mode
 class _ShardDecoder(Dataset):
     def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None,
-                 cache: str | None = None):
+                 cache: str | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS):
         self.paths, self.size, self.model, self.subset, self.cache = paths, size, model, subset, cache
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[DecodedShard, torch.Tensor]:
         try:
-            d = decode_shard(self.paths[i], self.size, self.subset, self.cache)
+            d = decode_shard(self.paths[i], self.size, self.subset, self.cache, max_image_pixels=self.max_image_pixels)
         except StopIteration as e:  # it would end the DataLoader's iteration: the shard would vanish
             raise RuntimeError(f"{self.paths[i]}: reading the shard raised StopIteration") from e
         tokens = tokenizer(self.model)(d.texts) if d.texts else torch.zeros(0, 0, dtype=torch.long)
@@ -420,15 +441,15 @@ class MemoryData:
 
     def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None,
                  batch_size: int, seed: int, rank: int = 0, world_size: int = 1, workers: int = 0,
-                 progress: bool = False, cache: str | None = None):
+                 progress: bool = False, cache: str | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS):
         from tqdm import tqdm
 
         self.counts = Counts()
         hits: list[np.ndarray] = []
         uids: list[str] = []
         images, tokens, weights = [], [], []
-        loader = DataLoader(_ShardDecoder(paths, size, model, subset, cache), batch_size=None, num_workers=workers,
-                            collate_fn=lambda x: x)
+        loader = DataLoader(_ShardDecoder(paths, size, model, subset, cache, max_image_pixels), batch_size=None,
+                            num_workers=workers, collate_fn=lambda x: x)
         shards_read = 0
         for d, tok in tqdm(loader, total=len(paths), desc="decode shards", unit="shard", disable=not progress):
             shards_read += 1
@@ -484,10 +505,11 @@ class _ShardStream(IterableDataset):
 
     def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None, batch_size: int,
                  seed: int, rank: int, world_size: int, start_step: int, shuffle_buffer: int,
-                 image_decode: str = "cpu"):
+                 image_decode: str = "cpu", max_image_pixels: int = MAX_IMAGE_PIXELS):
         self.paths, self.size, self.model, self.subset = paths, size, model, subset
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.start_step, self.shuffle_buffer, self.image_decode = start_step, shuffle_buffer, image_decode
+        self.max_image_pixels = max_image_pixels
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -508,7 +530,8 @@ class _ShardStream(IterableDataset):
             order = np.random.default_rng([self.seed, p]).permutation(len(self.paths))
             produced = 0
             for shard in order[lane::lanes]:
-                d = decode_shard(self.paths[shard], self.size, self.subset, keep_jpegs=self.image_decode == "device")
+                d = decode_shard(self.paths[shard], self.size, self.subset, keep_jpegs=self.image_decode == "device",
+                                 max_image_pixels=self.max_image_pixels)
                 yield d.counts
                 for uid, image, text, w in zip(d.uids, d.images, d.texts, d.weights):
                     for _ in range(w):
@@ -561,7 +584,8 @@ class StreamData:
     def __init__(self, paths: list[Path], size: int, model: str, subset: SubsetWeights | None,
                  batch_size: int, seed: int, rank: int = 0, world_size: int = 1, workers: int = 2,
                  shuffle_buffer: int = 4096, pin_memory: bool = False, image_decode: str = "cpu",
-                 device: torch.device | None = None, prefetch: int = 3, decode_threads: int = 4):
+                 device: torch.device | None = None, prefetch: int = 3, decode_threads: int = 4,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by {world_size} ranks")
         lanes = world_size * max(workers, 1)
@@ -572,7 +596,7 @@ class StreamData:
             raise ValueError(f"data.image_decode must be cpu or device here, got {image_decode!r}")
         self.args = dict(paths=paths, size=size, model=model, subset=subset, batch_size=batch_size // world_size,
                          seed=seed, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
-                         image_decode=image_decode)
+                         image_decode=image_decode, max_image_pixels=max_image_pixels)
         if subset is not None and subset.total == 0:
             raise ConfigError(f"{subset.path}: the subset is empty; nothing to train on")
         self.workers, self.pin_memory, self.image_decode = workers, pin_memory, image_decode
@@ -656,17 +680,17 @@ class StreamData:
                 local.stream = torch.cuda.Stream(self.device)
             t0 = time.perf_counter()
             with torch.cuda.stream(local.stream) if self.device.type == "cuda" else contextlib.nullcontext():
-                images, ok = raw.encoded.decode(size, self.device)
-                keep = torch.tensor(ok, dtype=torch.bool)
+                images, failed = raw.encoded.decode(size, self.device, self.args["max_image_pixels"])
+                keep = torch.tensor([not f for f in failed], dtype=torch.bool)
                 tokens = raw.tokens[keep].to(self.device, non_blocking=True)
                 _finish(self.device)
             counts = Counts()
             counts.merge(raw.counts)
-            if not all(ok):  # the worker counted these as kept; they are not
-                bad = len(ok) - int(keep.sum())
-                counts.drop(shards.CORRUPT_IMAGE, bad)
-                counts.keep(-bad)
-            return images, tokens, [u for u, k in zip(raw.uids, ok) if k], counts.as_dict(), time.perf_counter() - t0
+            for reason in filter(None, failed):  # the worker counted these as kept; they are not
+                counts.drop(reason)
+                counts.keep(-1)
+            uids = [u for u, f in zip(raw.uids, failed) if not f]
+            return images, tokens, uids, counts.as_dict(), time.perf_counter() - t0
 
         pending: deque = deque()
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="clipsift-decode") as pool:
@@ -785,10 +809,11 @@ def open_data(data_cfg, model: str, size: int, context_bytes: int, batch_size: i
              "subset_entries": subset.total if subset else None}
     if mode == "memory":
         data = MemoryData(paths, size, model, subset, batch_size, seed, rank, world_size, data_cfg.workers, progress,
-                          data_cfg.decode_cache or None)
+                          data_cfg.decode_cache or None, data_cfg.max_image_pixels)
         if data.subset_missing:
             log.warning("%d distinct subset uids are not in the shards (not downloaded?)", data.subset_missing)
     else:
         data = StreamData(paths, size, model, subset, batch_size, seed, rank, world_size, data_cfg.workers,
-                          data_cfg.shuffle_buffer, pin_memory, resolve_image_decode(data_cfg.image_decode, device), device)
+                          data_cfg.shuffle_buffer, pin_memory, resolve_image_decode(data_cfg.image_decode, device),
+                          device, max_image_pixels=data_cfg.max_image_pixels)
     return data, notes

@@ -1,0 +1,128 @@
+"""Hostile images in training shards (issue 22 follow-up): `clipsift train`'s decoders apply the
+pipeline's pixel limit (data.max_image_pixels, the one pipeline.decode.fit_pixel_limit) from the
+header, so a decompression bomb is a counted image_too_large skip in every data path (memory,
+decode cache, stream with CPU or device decoding), not a full decode."""
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from clipsift import cli, formats, shards
+from clipsift.runlog import read_json
+from clipsift.training import DataConfig
+from clipsift.training.data import decode_shard, open_data
+
+SIZE = 32  # the ci world's images and world-rn-s's input
+
+
+def real_bomb() -> bytes:
+    """A real 8000 x 8000 greyscale PNG of one grey: a 79 KB file that decodes to 64 Mpx (192 MB
+    as RGB). Over the 36 Mpx default, under PIL's own limits (89 Mpx warns, 179 Mpx refuses)."""
+    buf = io.BytesIO()
+    Image.new("L", (8000, 8000), 128).save(buf, format="PNG", compress_level=9)
+    return buf.getvalue()
+
+
+def png_claiming(w: int, h: int) -> bytes:
+    """A 1x1 PNG whose header claims w x h pixels: past PIL's hard limit, refused from the header."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytes(data[12:16]) + struct.pack(">II", w, h) + bytes(data[24:29])
+    data[16:24] = ihdr[4:12]
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
+def big_jpeg() -> bytes:
+    """A 6100 x 6100 JPEG (37.2 Mpx, just over the limit): it decodes at 1/2 scale, and is kept."""
+    buf = io.BytesIO()
+    Image.new("RGB", (6100, 6100), (200, 30, 30)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hostile(ci_world, tmp_path_factory) -> dict:
+    """Two shards of ci-world pool samples with hostile images among them:
+    shard 0: 12 samples + the real 64 Mpx PNG; shard 1: 8 samples + the 37 Mpx JPEG + a PNG
+    whose header claims 20000 x 20000."""
+    pool = [r for r in shards.read_shard(ci_world / "pool" / "shards" / "00000000.tar") if isinstance(r, shards.Sample)]
+    folder = tmp_path_factory.mktemp("hostile") / "shards"
+    extra = [[("png", real_bomb())], [("jpg", big_jpeg()), ("png", png_claiming(20_000, 20_000))]]
+    uids: dict[str, list[str]] = {"kept": [], "too_large": []}
+    start = 0
+    for shard, (n, hostile_images) in enumerate(zip((12, 8), extra)):
+        with shards.ShardWriter(folder, shard) as w:
+            for i, r in enumerate(pool[start:start + n]):
+                w.add(formats.sample_key(shard, i), r.image, r.text, r.meta)
+                uids["kept"].append(r.uid)
+            for j, (ext, image) in enumerate(hostile_images):
+                r = pool[start + n + j]
+                w.add(formats.sample_key(shard, n + j), image, r.text, r.meta, ext=ext)
+                uids["kept" if ext == "jpg" else "too_large"].append(r.uid)
+        start += n + len(hostile_images)
+    return {"shards": folder, **uids}
+
+
+def test_a_decompression_bomb_is_a_counted_skip_decoded_from_its_header_only(hostile, tmp_path):
+    """Memory mode and the decode cache: the bombs are image_too_large skips found from their headers
+    (fast), the other samples are decoded as without them; data.max_image_pixels=0 lifts the limit."""
+    bomb_shard = formats.list_shards(hostile["shards"])[0]
+    # Without a limit the bomb is a real image: decoded in full, and trained on.
+    t0 = time.perf_counter()
+    full = decode_shard(bomb_shard, SIZE, None, max_image_pixels=0)
+    full_s = time.perf_counter() - t0
+    assert full.counts == {"seen": 13, "kept": 13, "dropped": {}}
+    # With the default limit it is skipped from its header, the other 12 samples used as before.
+    t0 = time.perf_counter()
+    limited = decode_shard(bomb_shard, SIZE, None)
+    limited_s = time.perf_counter() - t0
+    assert limited.counts == {"seen": 13, "kept": 12, "dropped": {shards.IMAGE_TOO_LARGE: 1}}
+    assert limited.uids == full.uids[:12] and (limited.images == full.images[:12]).all()
+    assert limited_s < full_s / 3, (limited_s, full_s)  # no full decode (measured 0.002 s vs 0.27 s)
+    # The decode cache keeps the reason, and a cache made under another limit is not reused.
+    cache = tmp_path / "cache"
+    assert decode_shard(bomb_shard, SIZE, None, cache).counts == limited.counts
+    assert decode_shard(bomb_shard, SIZE, None, cache).counts == limited.counts  # read from the cache
+    assert decode_shard(bomb_shard, SIZE, None, cache, max_image_pixels=0).counts == full.counts
+
+    # `clipsift train` (memory mode): the skips are in stats.json by reason, every other sample is used.
+    out = tmp_path / "run"
+    assert cli.main(["train", "-p", "ci", f"data.shards={hostile['shards']}", f"out={out}", "progress=false",
+                     "threads=1", "batch_size=8", "samples_seen=16", "data.workers=0", "data.mode=memory"]) == 0
+    data = read_json(out / "stats.json")["data"]
+    assert data["records"] == {"seen": 23, "kept": 21, "dropped": {shards.IMAGE_TOO_LARGE: 2}}
+    assert data["selected_samples"] == 21 == len(hostile["kept"])
+    # The config key: without our limit the 64 Mpx PNG is trained on; the 400 Mpx header is still
+    # past PIL's own limit, also image_too_large.
+    unlimited, _ = open_data(DataConfig(shards=str(hostile["shards"]), mode="memory", workers=0, max_image_pixels=0),
+                             "world-rn-s", SIZE, 4 * 77, batch_size=8, seed=0)
+    assert unlimited.stats()["records"] == {"seen": 23, "kept": 22, "dropped": {shards.IMAGE_TOO_LARGE: 1}}
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")  # per call, in threads
+@pytest.mark.parametrize("image_decode", ["cpu", "device"])
+def test_stream_mode_skips_the_bombs_with_their_reason(hostile, image_decode):
+    """Stream mode, decoding in the workers or (image_decode=device, here on the CPU) in the
+    training process: the JPEG over the limit goes the CPU path's way (decoded reduced), both PNGs
+    are image_too_large skips, counted every time their shard is read."""
+    cfg = DataConfig(shards=str(hostile["shards"]), mode="stream", workers=0, shuffle_buffer=4,
+                     image_decode=image_decode)
+    data, _ = open_data(cfg, "world-rn-s", SIZE, 4 * 77, batch_size=7, seed=0, device=torch.device("cpu"))
+    batches, seen = data.batches(0), []
+    for _ in range(20):  # until both shards were read twice: a pass is 23 records, 21 samples
+        seen += next(batches).uids
+        records = data.stats()["records"]
+        if records["seen"] >= 46 and records["seen"] % 23 == 0:
+            break
+    batches.close()
+    passes = records["seen"] // 23
+    assert records == {"seen": 23 * passes, "kept": 21 * passes, "dropped": {shards.IMAGE_TOO_LARGE: 2 * passes}}
+    assert set(seen) == set(hostile["kept"]) and len(seen) >= 21
