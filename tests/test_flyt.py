@@ -53,6 +53,12 @@ def test_weighted_clip_loss_is_flyts_formula_and_clip_loss_for_uniform_weights()
     w0 = torch.cat([torch.full((B - 1,), 1 / (B - 1), dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     assert float(weighted_clip_loss(u, t, tau, w0)) == pytest.approx(float(open_clip.ClipLoss()(u[:-1], t[:-1], tau)),
                                                                       rel=1e-9)
+    # Weights on the loss terms only: −Σ_i w_i (log softmax of row i at i + log softmax of column i at i) / 2,
+    # every negative counted once; the same value as the paper's loss at uniform weights.
+    terms = -0.5 * (w * (torch.log_softmax(ell, 1).diagonal() + torch.log_softmax(ell, 0).diagonal())).sum()
+    assert float(weighted_clip_loss(u, t, tau, w, weighted_negatives=False)) == pytest.approx(float(terms), rel=1e-12)
+    assert float(weighted_clip_loss(u, t, tau, uniform, weighted_negatives=False)) == pytest.approx(float(expected),
+                                                                                                     rel=1e-12)
 
 
 def test_zeroshot_loss_is_cross_entropy_with_learned_temperature():
@@ -161,7 +167,7 @@ def tiny_setup(ci_world, request):
     return model, normalize(images, mean, std), tokens, down
 
 
-def _check_against_brute_force(tiny_setup, dtype, rtol, atol):
+def _check_against_brute_force(tiny_setup, dtype, rtol, atol, sgd=False, up_loss=weighted_clip_loss):
     model, images, tokens, down = tiny_setup
     model = model.to(dtype)
     images, down = images.to(dtype), fdata.DownBatch(down.images.to(dtype), down.tokens, down.parts)
@@ -176,22 +182,22 @@ def _check_against_brute_force(tiny_setup, dtype, rtol, atol):
     project = lambda p: {**p, "logit_scale": p["logit_scale"].clamp(2.0, math.log(100))}  # noqa: E731
     down_loss = lambda p: fdata.downstream_loss(lambda x, tk: fm(p, x, tk), down, rho)  # noqa: E731
     decay = decayed_names(params)
-    hp = AdamWHyper(lr=1e-3, wd=0.2)
+    hp = AdamWHyper(lr=1e-3, wd=0.2, sgd=sgd)
     # A first real step gives the AdamW history (moments, t = 1) the checked step starts from.
     w = torch.softmax(scorer(psi), 0).detach()
     first = hypergradient_step(fm, params, AdamWState.zeros_like(params), hp, decay, images, tokens, w, down_loss,
-                               [rho], project)
+                               [rho], project, up_loss=up_loss)
     params, state = first.params, first.state
 
     scores = scorer(psi)
     res = hypergradient_step(fm, params, state, hp, decay, images, tokens, torch.softmax(scores.detach(), 0),
-                             down_loss, [rho], project)
+                             down_loss, [rho], project, up_loss=up_loss)
     scorer.zero_grad()
     scorer_backward(scores, res.d)
     efficient = [p.grad.clone() for p in scorer.parameters()] + [res.extra_grads[0]]
 
     J = brute_force_objective(fm, params, state, hp, decay, images, tokens, torch.softmax(scorer(psi), 0),
-                              down_loss, project)
+                              down_loss, project, up_loss)
     brute = torch.autograd.grad(J, list(scorer.parameters()) + [rho])
     assert float(J.detach()) == pytest.approx(float(res.down_loss), rel=1e-6)
     names = [n for n, _ in scorer.named_parameters()] + ["rho"]
@@ -213,6 +219,33 @@ def test_efficient_hypergradient_equals_autograd_through_the_unrolled_step_float
 
 def test_efficient_hypergradient_equals_autograd_through_the_unrolled_step_float32(tiny_setup):
     _check_against_brute_force(tiny_setup, torch.float32, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sgd, weighted_negatives", [(True, True), (False, False)])
+def test_diagnostic_variants_hypergradient_equals_autograd(tiny_setup, sgd, weighted_negatives):
+    """benchmarks/flyt_by_noise.py's variants (a plain SGD inner step; weights on the loss terms
+    only) are exact derivatives of their own one-step objectives too."""
+    up = lambda u, t, tau, w: weighted_clip_loss(u, t, tau, w, weighted_negatives)  # noqa: E731
+    _check_against_brute_force(tiny_setup, torch.float64, rtol=1e-9, atol=1e-9, sgd=sgd, up_loss=up)
+
+
+def test_sgd_step_and_its_jacobian():
+    g = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(4, 3, generator=g, dtype=torch.float64), "b": torch.randn(3, generator=g, dtype=torch.float64)}
+    grads = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    state = AdamWState.zeros_like(params)
+    hp = AdamWHyper(lr=1e-2, wd=0.2, sgd=True)
+    for step in (adamw_step, adamw_update):
+        new, m, v = step(params, grads, state, hp, frozenset({"w"}))
+        torch.testing.assert_close(new["w"], params["w"] * (1 - 1e-2 * 0.2) - 1e-2 * grads["w"], rtol=1e-15, atol=0)
+        torch.testing.assert_close(new["b"], params["b"] - 1e-2 * grads["b"], rtol=1e-15, atol=0)
+        assert all(float(x.abs().max()) == 0 for x in (*m.values(), *v.values()))  # moments untouched
+    cot = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    product = adamw_jacobian_product({k: c.clone() for k, c in cot.items()}, grads, m, v, hp, 1)
+    for k in params:
+        torch.testing.assert_close(product[k], -1e-2 * cot[k], rtol=1e-15, atol=0)
+    # the default is AdamW's step, bit for bit
+    assert not AdamWHyper(1e-2).sgd
 
 
 # ---------------------------------------------------------------- scorers

@@ -23,6 +23,9 @@ class AdamWHyper:
     beta2: float = 0.98
     eps: float = 1e-6
     wd: float = 0.2  # applied only to the names in `decay` (weights with ndim >= 2)
+    # A diagnostic (benchmarks/flyt_by_noise.py): a plain SGD step θ' = θ (1 - lr wd) - lr g instead,
+    # so ∂θ'/∂g = -lr (no preconditioner); the moments are left as they were.
+    sgd: bool = False
 
 
 @dataclass
@@ -68,6 +71,9 @@ def adamw_step(params: Params, grads: Params, state: AdamWState, hp: AdamWHyper,
     m̂ = m / (1 - β1^t), v̂ = v / (1 - β2^t), t = state.step + 1. Differentiable in params and grads;
     state holds constants. Same arithmetic as torch.optim.AdamW (tests check it to rounding).
     """
+    if hp.sgd:
+        return ({k: p * (1 - hp.lr * hp.wd if k in decay else 1.0) - hp.lr * grads[k] for k, p in params.items()},
+                dict(state.exp_avg), dict(state.exp_avg_sq))
     t = state.step + 1
     bc1 = 1 - hp.beta1 ** t
     bc2_sqrt = math.sqrt(1 - hp.beta2 ** t)
@@ -90,6 +96,8 @@ def adamw_update(params: Params, grads: Params, state: AdamWState, hp: AdamWHype
 
     The same arithmetic (tests compare it with adamw_step to rounding) at the cost of one
     optimiser step; the inputs are left untouched (the kernel updates copies in place)."""
+    if hp.sgd:
+        return adamw_step(params, grads, state, hp, decay)
     names = list(params)
     new_params = {k: torch.empty_like(params[k], memory_format=torch.contiguous_format) for k in names}
     new_m = {k: torch.empty_like(params[k], dtype=grads[k].dtype, memory_format=torch.contiguous_format) for k in names}
@@ -131,6 +139,9 @@ def adamw_jacobian_product(cot: Params, grads: Params, exp_avg: Params, exp_avg_
     dozen per parameter); on a CPU block by block, and on a lookup table only over the rows the
     cotangent touches.
     """
+    if hp.sgd:
+        torch._foreach_mul_(list(cot.values()), -hp.lr)
+        return cot
     cpu = next(iter(cot.values())).device.type == "cpu" if cot else True
     parts: list[tuple[torch.Tensor, ...]] = []  # (c, g, m, v) flat, c written in place
     scatter: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (table, rows, part): written back

@@ -122,6 +122,8 @@ class StepResult:
 
 
 DownLoss = Callable[[Params], torch.Tensor]  # θ' -> downstream loss (closes over batch and ρ)
+# (u, t, τ, w) -> the upstream loss: weighted_clip_loss, or a variant of it (a diagnostic's)
+UpLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Project = Callable[[Params], Params]  # applied to θ' after the update (the logit-scale clamp)
 
 
@@ -169,7 +171,8 @@ class Upstream:
 
 def upstream_gradient(fmodel: FunctionalCLIP, params: Params, images: torch.Tensor, tokens: torch.Tensor,
                       w: torch.Tensor, comm: Comm = LOCAL,
-                      amp: Callable[[], ContextManager] = contextlib.nullcontext, linearize: bool = False) -> Upstream:
+                      amp: Callable[[], ContextManager] = contextlib.nullcontext, linearize: bool = False,
+                      up_loss: UpLoss = weighted_clip_loss) -> Upstream:
     """g = ∇θ L_up(θ; w) from one forward + backward of the reference model.
 
     linearize: also return `tangent`, the JVP of this rank's embeddings along any v, which reuses
@@ -188,7 +191,7 @@ def upstream_gradient(fmodel: FunctionalCLIP, params: Params, images: torch.Tens
             u_l, t_l, tau = fmodel(theta, images, tokens)
         u_l, t_l, tau = _full(u_l), _full(t_l), _full(tau)
         u, t = comm.gather(u_l, keep_grad=True), comm.gather(t_l, keep_grad=True)
-        up = weighted_clip_loss(u, t, tau, w.detach())
+        up = up_loss(u, t, tau, w.detach())
         gu, gt, gtau = torch.autograd.grad(up, (u_l, t_l, tau))
         if comm.rank != 0:
             # τ is one shared parameter: only rank 0 lets its loss gradient through, so the sum
@@ -233,14 +236,16 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
                        decay: frozenset[str], images: torch.Tensor, tokens: torch.Tensor, w: torch.Tensor,
                        down_loss: DownLoss, down_params: list[torch.Tensor] = (), project: Project | None = None,
                        comm: Comm = LOCAL, amp: Callable[[], ContextManager] = contextlib.nullcontext,
-                       timer: Callable[[str], ContextManager] | None = None) -> StepResult:
+                       timer: Callable[[str], ContextManager] | None = None,
+                       up_loss: UpLoss = weighted_clip_loss) -> StepResult:
     """One FLYT step for the reference model: θ' and dJ/dw (see the module docstring).
 
     params: θ (detached); images/tokens: this rank's rows of the upstream batch; w: weights of the
     global batch (detached, Σ w = 1); down_loss(θ') -> this rank's downstream loss; down_params:
     leaves of the downstream head (ρ) whose gradients are returned; amp: a context factory for
     the model's forward passes (bf16 autocast on GPU); timer(name): a context that times a phase
-    (runlog.Timer), for the phases up_grad, down_grad, jvp, d.
+    (runlog.Timer), for the phases up_grad, down_grad, jvp, d; up_loss: the upstream loss (a
+    diagnostic may pass a variant of weighted_clip_loss).
     """
     names = list(params)
     w = w.detach()
@@ -248,7 +253,7 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
 
     # 1. g = ∇θ L_up(θ; w), summed over ranks.
     with phase("up_grad"):
-        upstream = upstream_gradient(fmodel, params, images, tokens, w, comm, amp, linearize=True)
+        upstream = upstream_gradient(fmodel, params, images, tokens, w, comm, amp, linearize=True, up_loss=up_loss)
         g, up = upstream.g, upstream.loss
 
     # 2. v = ∂ L_down(AdamW(θ, g)) / ∂g (averaged over ranks), and ∂J/∂ρ. The update is element-wise,
@@ -276,7 +281,7 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
     du, dt = comm.gather(du), comm.gather(dt)
 
     def directional(w_: torch.Tensor) -> torch.Tensor:
-        return jvp(lambda a, b, c: weighted_clip_loss(a, b, c, w_), (u, t, tau), (du, dt, dtau))[1]
+        return jvp(lambda a, b, c: up_loss(a, b, c, w_), (u, t, tau), (du, dt, dtau))[1]
 
     with phase("d"):
         d = torch.func.grad(directional)(w)
@@ -300,7 +305,8 @@ def scorer_backward(scores_local: torch.Tensor, d: torch.Tensor, comm: Comm = LO
 
 def brute_force_objective(fmodel: FunctionalCLIP, params: Params, state: AdamWState, hp: AdamWHyper,
                           decay: frozenset[str], images: torch.Tensor, tokens: torch.Tensor, w: torch.Tensor,
-                          down_loss: DownLoss, project: Project | None = None) -> torch.Tensor:
+                          down_loss: DownLoss, project: Project | None = None,
+                          up_loss: UpLoss = weighted_clip_loss) -> torch.Tensor:
     """J = L_down(AdamW(θ, ∇θ L_up(θ; w))) with the whole update in the graph (create_graph=True).
 
     Differentiating this with autograd is the reference the efficient path is tested against:
@@ -309,7 +315,7 @@ def brute_force_objective(fmodel: FunctionalCLIP, params: Params, state: AdamWSt
     theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     with sdpa_kernel(SDPBackend.MATH):  # double backward through attention
         u, t, tau = fmodel(theta, images, tokens)
-        up = weighted_clip_loss(u, t, tau, w)
+        up = up_loss(u, t, tau, w)
         g = torch.autograd.grad(up, list(theta.values()), create_graph=True, allow_unused=True)
         g = dict(zip(theta, _with_zeros(g, theta)))
         new_params, _, _ = adamw_step(theta, g, state, hp, decay)

@@ -7,12 +7,14 @@ embedding level, and not in the model.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
 def weighted_clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
-                       w: torch.Tensor) -> torch.Tensor:
+                       w: torch.Tensor, weighted_negatives: bool = True) -> torch.Tensor:
     """FLYT's upstream loss L_up = (L_i2t + L_t2i) / 2 with example weights w (w >= 0, Σ w = 1).
 
     ℓ_ij = τ⟨u_i, v_j⟩ (u images, v texts, τ = logit_scale, already exponentiated);
@@ -24,9 +26,16 @@ def weighted_clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.
     Uniform w = 1/B: the w_i in the numerator cancels the common 1/B of the denominator, so each
     term is log softmax_j(ℓ_i·)_i and L_up is exactly open_clip's ClipLoss (the mean cross-entropy
     in both directions, averaged) — no constant is left over; tests check this.
+
+    weighted_negatives=False (a diagnostic, benchmarks/flyt_by_noise.py): w weights only each
+    example's own term, −Σ_i w_i log softmax_j(ℓ_i·)_i, with every negative counted once; the same
+    value and θ-gradient at uniform w, but dJ/dw then leaves out each example's role as a negative.
     """
     logits = logit_scale * img @ txt.T  # ℓ_ij, rows images, columns texts
-    log_w = torch.log(w.clamp_min(torch.finfo(w.dtype).tiny))
+    if weighted_negatives:
+        log_w = torch.log(w.clamp_min(torch.finfo(w.dtype).tiny))
+    else:  # the uniform weights' log, a constant: the numerator and denominators stay unweighted
+        log_w = torch.full_like(w, -math.log(w.shape[0]))
     diag = torch.diagonal(logits)
     i2t = log_w + diag - torch.logsumexp(logits + log_w[None, :], dim=1)  # row i, negatives j weighted by w_j
     t2i = log_w + diag - torch.logsumexp(logits + log_w[:, None], dim=0)  # column j, negatives i weighted by w_i

@@ -122,9 +122,29 @@ def setup_scorer(cfg: LoopConfig) -> ScorerSetup:
     raise TypeError(f"not a FLYT config: {type(cfg).__name__}")
 
 
+def load_downstream(cfg: LoopConfig, ref) -> tuple[list[fdata.TaskData], dict[str, str]]:
+    """The selected downstream tasks' training splits, preprocessed for the reference `ref`
+    (eval.models.load_model's result), and the tasks left out for the loss, with why."""
+    from clipsift.eval.tasks import load_tasks
+
+    tasks = load_tasks(cfg.downstream.tasks)
+    if cfg.downstream.names:
+        unknown = sorted(set(cfg.downstream.names) - {t.name for t in tasks})
+        if unknown:
+            raise ValueError(f"downstream.names: {unknown} not in {cfg.downstream.tasks}")
+        tasks = [t for t in tasks if t.name in cfg.downstream.names]
+    left_out = {t.name: "loss=ce has no cross-entropy for a retrieval task" for t in tasks
+                if cfg.downstream.loss == "ce" and t.type != "classification"}
+    tasks = [t for t in tasks if t.name not in left_out]
+    for name, why in left_out.items():
+        log.info("downstream task %s left out: %s", name, why)
+    if not tasks:
+        raise ValueError(f"downstream: no task left for loss={cfg.downstream.loss} (left out: {left_out})")
+    return [fdata.load_task(t, cfg.downstream.split, ref.preprocess, ref.tokenizer) for t in tasks], left_out
+
+
 def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
     from clipsift.eval.models import load_model
-    from clipsift.eval.tasks import load_tasks
     from clipsift.training.loop import cosine_lr
 
     _check_inputs(cfg)
@@ -167,20 +187,7 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
         pool = fdata.PoolBatches(cfg.pool, cfg.reference.arch, size, setup.features, cfg.batch_size, cfg.seed,
                                  workers=cfg.workers, progress=cfg.progress and comm.rank == 0, cache=cfg.decode_cache)
     with timer("load_tasks"):
-        tasks = load_tasks(cfg.downstream.tasks)
-        if cfg.downstream.names:
-            unknown = sorted(set(cfg.downstream.names) - {t.name for t in tasks})
-            if unknown:
-                raise ValueError(f"downstream.names: {unknown} not in {cfg.downstream.tasks}")
-            tasks = [t for t in tasks if t.name in cfg.downstream.names]
-        left_out = {t.name: "loss=ce has no cross-entropy for a retrieval task" for t in tasks
-                    if cfg.downstream.loss == "ce" and t.type != "classification"}
-        tasks = [t for t in tasks if t.name not in left_out]
-        for name, why in left_out.items():
-            log.info("downstream task %s left out: %s", name, why)
-        if not tasks:
-            raise ValueError(f"downstream: no task left for loss={cfg.downstream.loss} (left out: {left_out})")
-        task_data = [fdata.load_task(t, cfg.downstream.split, ref.preprocess, ref.tokenizer) for t in tasks]
+        task_data, left_out = load_downstream(cfg, ref)
         down = fdata.DownstreamBatches(task_data, cfg.downstream.batch_size, cfg.seed)
     mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=device)
     std = torch.tensor(model.visual.preprocess_cfg["std"], device=device)
@@ -210,10 +217,8 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
     hyper = lambda lr: AdamWHyper(lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.reference.wd)  # noqa: E731
     if state is None and cfg.reference.moment_warmup:
         with timer("moment_warmup"):
-            for k in range(cfg.reference.moment_warmup):  # the first steps' batches; θ does not move
-                images, tokens, _, _ = pool.batch(k, rows_local)
-                ref_state = warm_moments(fmodel, params, ref_state, hyper(0.0),
-                                         normalize(images.to(device), mean, std), tokens.to(device), comm, amp)
+            ref_state = moment_warmup(fmodel, params, ref_state, hyper(0.0), pool, cfg.reference.moment_warmup,
+                                      rows_local, (mean, std), comm, amp)
     lo, hi = cfg.reference.logit_scale_min, cfg.reference.logit_scale_max
 
     def project(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -322,6 +327,19 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
     if comm.distributed:
         dist.barrier()
     return run_dir
+
+
+def moment_warmup(fmodel: FunctionalCLIP, params, state: AdamWState, hp: AdamWHyper, pool: fdata.PoolBatches,
+                  batches: int, rows: slice, mean_std: tuple[torch.Tensor, torch.Tensor], comm: Comm,
+                  amp: Callable[[], Any]) -> AdamWState:
+    """AdamW's moments filled from the first `batches` upstream batches (θ does not move; see
+    hypergrad.warm_moments), on the device of mean_std (the preprocessing's mean and std)."""
+    mean, std = mean_std
+    for k in range(batches):
+        images, tokens, _, _ = pool.batch(k, rows)
+        state = warm_moments(fmodel, params, state, hp, normalize(images.to(mean.device), mean, std),
+                             tokens.to(mean.device), comm, amp)
+    return state
 
 
 def _log_row(step, res, w, lr_ref, lr_phi, rho, params, seconds, comm) -> dict[str, Any]:
