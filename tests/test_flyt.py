@@ -229,6 +229,26 @@ def test_diagnostic_variants_hypergradient_equals_autograd(tiny_setup, sgd, weig
     _check_against_brute_force(tiny_setup, torch.float64, rtol=1e-9, atol=1e-9, sgd=sgd, up_loss=up)
 
 
+def test_hypergradient_parts_of_theta_sum_to_the_whole(tiny_setup):
+    """tangent_names: d restricted to a partition of θ (image tower, text side) sums to the full d,
+    and each part is a real share of it."""
+    model, images, tokens, down = tiny_setup
+    model = model.double()
+    images, down = images.double(), fdata.DownBatch(down.images.double(), down.tokens, down.parts)
+    fm = FunctionalCLIP(model)
+    params = fm.params()
+    rho = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
+    down_loss = lambda p: fdata.downstream_loss(lambda x, tk: fm(p, x, tk), down, rho)  # noqa: E731
+    w = torch.full((images.shape[0],), 1.0 / images.shape[0], dtype=torch.float64)
+    state = AdamWState.zeros_like(params)
+    step = lambda names=None: hypergradient_step(fm, params, state, AdamWHyper(1e-3), decayed_names(params), images,  # noqa: E731
+                                                 tokens, w, down_loss, [rho], tangent_names=names).d
+    visual = frozenset(k for k in params if k.startswith("visual."))
+    whole, a, b = step(), step(visual), step(frozenset(params) - visual)
+    torch.testing.assert_close(a + b, whole, rtol=1e-9, atol=1e-12 * float(whole.abs().max()))
+    assert float(a.abs().max()) > 1e-3 * float(whole.abs().max()) and float(b.abs().max()) > 1e-3 * float(whole.abs().max())
+
+
 def test_sgd_step_and_its_jacobian():
     g = torch.Generator().manual_seed(3)
     params = {"w": torch.randn(4, 3, generator=g, dtype=torch.float64), "b": torch.randn(3, generator=g, dtype=torch.float64)}

@@ -237,15 +237,16 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
                        down_loss: DownLoss, down_params: list[torch.Tensor] = (), project: Project | None = None,
                        comm: Comm = LOCAL, amp: Callable[[], ContextManager] = contextlib.nullcontext,
                        timer: Callable[[str], ContextManager] | None = None,
-                       up_loss: UpLoss = weighted_clip_loss) -> StepResult:
+                       up_loss: UpLoss = weighted_clip_loss, tangent_names: frozenset[str] | None = None) -> StepResult:
     """One FLYT step for the reference model: θ' and dJ/dw (see the module docstring).
 
     params: θ (detached); images/tokens: this rank's rows of the upstream batch; w: weights of the
     global batch (detached, Σ w = 1); down_loss(θ') -> this rank's downstream loss; down_params:
     leaves of the downstream head (ρ) whose gradients are returned; amp: a context factory for
     the model's forward passes (bf16 autocast on GPU); timer(name): a context that times a phase
-    (runlog.Timer), for the phases up_grad, down_grad, jvp, d; up_loss: the upstream loss (a
-    diagnostic may pass a variant of weighted_clip_loss).
+    (runlog.Timer), for the phases up_grad, down_grad, jvp, d. For diagnostics: up_loss, the
+    upstream loss (a variant of weighted_clip_loss); tangent_names, the parameters whose part of v
+    enters the JVP (d is linear in v, so the parts of a partition of θ sum to the whole d).
     """
     names = list(params)
     w = w.detach()
@@ -276,7 +277,8 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
     # 3. Ė = J_θ f · v through the upstream pass's linearisation (upstream_gradient), then
     #    d = ∂/∂w ⟨∇_E L_up(E; w), Ė⟩ at embedding level.
     with phase("jvp"):
-        du, dt, dtau = upstream.tangent([v[k] for k in names])
+        keep = names if tangent_names is None else tangent_names
+        du, dt, dtau = upstream.tangent([v[k] if k in keep else torch.zeros_like(v[k]) for k in names])
     u, t, tau = upstream.embeddings
     du, dt = comm.gather(du), comm.gather(dt)
 
