@@ -368,7 +368,7 @@ def _per_example_loss(fmodel, params, images, tokens, amp) -> np.ndarray:
 
 def summarise(ds: list[np.ndarray], kinds: list[np.ndarray], ups: list[np.ndarray] | None) -> dict:
     """Per noise kind: the centred d's mean and standard errors, z, pref and upstream loss."""
-    cen, z, pref, per_batch = [], [], [], []
+    cen, z, pref = [], [], []
     for d in ds:
         c = d - d.mean()
         cen.append(c)
