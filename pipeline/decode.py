@@ -33,6 +33,7 @@ from PIL import Image
 from clipsift import shards
 from clipsift.eval.models import tokenizer
 from clipsift.pipeline.encoders import Plan, split_transform
+from clipsift.pipeline.image_header import image_size
 
 _LIST_STR = pa.list_(pa.string())
 _LIST_INT = pa.list_(pa.int64())
@@ -262,7 +263,8 @@ def decode_image(data: bytes, plan: Plan) -> tuple[dict[str, np.ndarray], ImageF
 
 
 # The pixel limit, shared by every decoder of encoded images (this stage, pipeline.device_decode,
-# training.data): open_image reads the header, fit_pixel_limit checks it before anything is decoded.
+# training.data): open_image reads the header, fit_pixel_limit checks it before anything is decoded;
+# header_fits answers first, without PIL, for the common case (a JPEG or PNG within the limit).
 # PIL's own soft-limit warning (Image.MAX_IMAGE_PIXELS) is silenced once here, as ours (lower) decides:
 # catch_warnings per call is not thread-safe, and training decodes in threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -276,6 +278,19 @@ def open_image(data: bytes) -> Image.Image:
     """`data` opened by PIL: its header read, no pixels decoded yet. Raises PIL's error for bytes it
     cannot identify, and DecompressionBombError past PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS)."""
     return Image.open(io.BytesIO(data))
+
+
+def header_fits(data: bytes, limit: int) -> bool:
+    """Whether `data` is a JPEG or PNG that PIL would open, as its header shows without PIL (~2.5 us,
+    against ~15 us for open_image), at a size within `limit` (0: no limit) and PIL's own limit: then
+    open_image and fit_pixel_limit would pass it unchanged, and a decoder that needs no PIL image may
+    skip them. False decides nothing: ask them."""
+    size = image_size(data)
+    if size is None:
+        return False
+    pixels = size[0] * size[1]
+    # past Image.MAX_IMAGE_PIXELS PIL warns, then refuses: let it decide
+    return (not limit or pixels <= limit) and (Image.MAX_IMAGE_PIXELS is None or pixels <= Image.MAX_IMAGE_PIXELS)
 
 
 def fit_pixel_limit(img: Image.Image, limit: int) -> None:

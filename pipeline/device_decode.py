@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import torch
 
-from clipsift.pipeline.decode import ImageFailure, decode_image, open_image
+from clipsift.pipeline.decode import ImageFailure, decode_image, header_fits, open_image
 from clipsift.pipeline.encoders import ImagePrep, Plan, PlanError
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -95,7 +95,7 @@ def resize_crop(img: torch.Tensor, size: tuple[int, int], interpolation=None, sq
 def within_limit(data: bytes, limit: int) -> bool:
     """Whether a JPEG's header gives at most `limit` pixels (0: no limit). A larger one goes through
     the CPU path, which decodes it reduced or skips it; reading the header costs ~1% of a decode."""
-    if not limit:
+    if not limit or header_fits(data, limit):
         return True
     try:
         with open_image(data) as img:
