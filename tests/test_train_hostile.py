@@ -1,7 +1,9 @@
 """Hostile images in training shards (issue 22 follow-up): `clipsift train`'s decoders apply the
 pipeline's pixel limit (data.max_image_pixels, the one pipeline.decode.fit_pixel_limit) from the
 header, so a decompression bomb is a counted image_too_large skip in every data path (memory,
-decode cache, stream with CPU or device decoding), not a full decode."""
+decode cache, stream with CPU or device decoding), not a full decode. A PNG with damaged compressed
+data (which torchvision 0.29.1's PNG decoder answers with a segfault) is a counted corrupt_image
+skip, and a 16-bit PNG decodes to the 8-bit RGB the pipeline gives."""
 from __future__ import annotations
 
 import io
@@ -10,6 +12,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,7 +20,9 @@ from PIL import Image
 from clipsift import cli, formats, shards
 from clipsift.runlog import read_json
 from clipsift.training import DataConfig
-from clipsift.training.data import decode_shard, open_data
+from clipsift.pipeline.config import MAX_IMAGE_PIXELS
+from clipsift.pipeline.decode import header_fits
+from clipsift.training.data import decode_image, decode_shard, open_data
 
 SIZE = 32  # the ci world's images and world-rn-s's input
 
@@ -126,3 +131,119 @@ def test_stream_mode_skips_the_bombs_with_their_reason(hostile, image_decode):
     passes = records["seen"] // 23
     assert records == {"seen": 23 * passes, "kept": 21 * passes, "dropped": {shards.IMAGE_TOO_LARGE: 2 * passes}}
     assert set(seen) == set(hostile["kept"]) and len(seen) >= 21
+
+
+def damaged_png(image: bytes) -> bytes:
+    """`image` as a PNG with one byte of its compressed data flipped: PIL opens it (the header is
+    intact) and raises on load; torchvision 0.29.1's PNG decoder kills the process."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(image)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[data.find(b"IDAT") + 6] ^= 0xFF
+    return bytes(data)
+
+
+def png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG of uint16 (h, w, 3) `pixels`, written by hand (PIL writes 16-bit grey only)."""
+    h, w, _ = pixels.shape
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)  # filter 0 per row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def damaged(ci_world, tmp_path_factory) -> dict:
+    """One shard: 10 ci-world pool samples, then a damaged PNG (made from the next sample's image),
+    then a valid 16-bit PNG."""
+    pool = [r for r in shards.read_shard(ci_world / "pool" / "shards" / "00000000.tar") if isinstance(r, shards.Sample)]
+    bad = damaged_png(pool[10].image)
+    Image.open(io.BytesIO(bad))  # opens: only decoding it fails
+    assert header_fits(bad, MAX_IMAGE_PIXELS)  # so before the fix it went straight to torchvision
+    folder = tmp_path_factory.mktemp("damaged") / "shards"
+    wide = np.random.default_rng(0).integers(0, 65536, (SIZE, SIZE, 3)).astype(np.uint16)
+    with shards.ShardWriter(folder, 0) as w:
+        for i, r in enumerate(pool[:10]):
+            w.add(formats.sample_key(0, i), r.image, r.text, r.meta)
+        w.add(formats.sample_key(0, 10), bad, pool[10].text, pool[10].meta, ext="png")
+        w.add(formats.sample_key(0, 11), png16(wide), pool[11].text, pool[11].meta, ext="png")
+    return {"shards": folder, "kept": [r.uid for r in pool[:10]] + [pool[11].uid], "images": [r.image for r in pool[:10]]}
+
+
+def test_a_damaged_png_is_a_counted_corrupt_image_skip_in_memory_mode(damaged):
+    """Decoded in this process (a crash would end the test run): the damaged PNG is a corrupt_image
+    skip, every other sample decoded as on its own."""
+    shard = formats.list_shards(damaged["shards"])[0]
+    decoded = decode_shard(shard, SIZE, None)
+    assert decoded.counts == {"seen": 12, "kept": 11, "dropped": {shards.CORRUPT_IMAGE: 1}}
+    assert decoded.uids == damaged["kept"]
+    for image, expected in zip(decoded.images, damaged["images"]):
+        assert (image == decode_image(expected, SIZE)).all()
+    data, _ = open_data(DataConfig(shards=str(damaged["shards"]), mode="memory", workers=0),
+                        "world-rn-s", SIZE, 4 * 77, batch_size=4, seed=0)
+    assert data.stats()["records"] == decoded.counts
+    assert data.stats()["selected_samples"] == 11
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")  # per call, in threads
+@pytest.mark.parametrize("image_decode", ["cpu", "device"])
+def test_stream_mode_skips_a_damaged_png_as_corrupt_image(damaged, image_decode):
+    """Stream mode (workers=0: the decode runs in this process), CPU or device decoding: the damaged
+    PNG is counted every time its shard is read, the other 11 samples are used."""
+    cfg = DataConfig(shards=str(damaged["shards"]), mode="stream", workers=0, shuffle_buffer=4,
+                     image_decode=image_decode)
+    data, _ = open_data(cfg, "world-rn-s", SIZE, 4 * 77, batch_size=5, seed=0, device=torch.device("cpu"))
+    batches, seen = data.batches(0), []
+    while len(seen) < 3 * 11:  # the shard read at least three times (a read is counted whole)
+        seen += next(batches).uids
+    records = data.stats()["records"]
+    batches.close()
+    passes = records["seen"] // 12
+    assert passes >= 3
+    assert records == {"seen": 12 * passes, "kept": 11 * passes, "dropped": {shards.CORRUPT_IMAGE: passes}}
+    assert set(seen) == set(damaged["kept"])
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")  # PIL's, converting the tRNS palette image
+def test_pngs_decode_through_pil_to_the_pipelines_8_bit_rgb():
+    """8-bit PNGs of every colour type: the same pixels as torchvision's decoder (used for them before)
+    gives; a 16-bit PNG: uint8, as PIL's convert("RGB") gives it (open_clip's first step, which the
+    pipeline runs), not torchvision's uint16."""
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
+
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray(rng.integers(0, 256, (40, 48, 4)).astype(np.uint8), "RGBA")
+    palette_alpha = rgba.convert("P")
+    palette_alpha.info["transparency"] = 3
+    for img in (rgba.convert("RGB"), rgba, rgba.convert("L"), rgba.convert("LA"), rgba.convert("P"),
+                palette_alpha, rgba.convert("1")):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        data = buf.getvalue()
+        before = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        assert before.shape == (3, 40, 48) and before.dtype == torch.uint8, img.mode
+        for size in (40, SIZE):  # as decoded, and resized
+            assert (decode_image(data, size) == decode_image_from(before, size)).all(), (img.mode, size)
+
+    wide = rng.integers(0, 65536, (SIZE, SIZE, 3)).astype(np.uint16)
+    out = decode_image(png16(wide), SIZE)  # SIZE x SIZE: no resize, the decoded pixels themselves
+    assert out.dtype == np.uint8
+    assert (out == (wide >> 8).transpose(2, 0, 1)).all()  # PIL keeps each sample's high byte
+    grey = Image.fromarray((rng.integers(0, 65536, (SIZE, SIZE))).astype(np.uint16))
+    buf = io.BytesIO()
+    grey.save(buf, format="PNG")
+    assert buf.getvalue()[24] == 16  # IHDR bit depth
+    expected = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).transpose(2, 0, 1)
+    assert (decode_image(buf.getvalue(), SIZE) == expected).all()
+
+
+def decode_image_from(img: torch.Tensor, size: int) -> np.ndarray:
+    """training.data.decode_image's resize and crop of decoded pixels."""
+    from clipsift.pipeline.device_decode import resize_crop
+
+    return resize_crop(img, (size, size)).numpy()

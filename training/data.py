@@ -49,7 +49,7 @@ from clipsift.config import ConfigError
 from clipsift.eval.models import tokenizer
 from clipsift.pipeline.config import MAX_IMAGE_PIXELS
 from clipsift.pipeline.decode import fit_pixel_limit, header_fits, image_failure, open_image
-from clipsift.pipeline.device_decode import complete_jpeg, decode_jpegs, resize_crop, within_limit
+from clipsift.pipeline.device_decode import _JPEG_MAGIC, complete_jpeg, decode_jpegs, resize_crop, within_limit
 from clipsift.runlog import Counts
 
 log = logging.getLogger("clipsift.training")
@@ -128,23 +128,27 @@ def decode_image(data: bytes, size: int, max_image_pixels: int = MAX_IMAGE_PIXEL
     pipeline.decode.ImageTooLarge when the header gives more than `max_image_pixels` (0: no limit),
     unless a JPEG fits at a draft reduction: it is decoded reduced, as the pipeline does.
 
-    A JPEG or PNG whose header shows it within both limits (pipeline.decode.header_fits, ~2.5 us) goes
-    straight to torchvision's C++ decoders (3-4x faster than PIL on small JPEGs; they refuse truncated
-    files exactly where PIL does). Anything else, or what they refuse, takes the path below, as it did
-    before that shortcut: the header read by PIL (~15 us a JPEG), then torchvision's decoders, PIL for
-    the formats they lack (BMP, TIFF, ...) and for a JPEG decoded reduced."""
-    if _TV_DECODE is not None and header_fits(data, max_image_pixels):
+    Only a JPEG goes to torchvision's C++ decoder (libjpeg; 3-4x faster than PIL on small JPEGs, and
+    it refuses truncated files exactly where PIL does): straight away when its header shows it within
+    both limits (pipeline.decode.header_fits, ~2.5 us), else once PIL has read the header (~15 us),
+    unless it is to be decoded reduced. Everything else (PNG, WebP, GIF, BMP, ...) and a JPEG
+    torchvision refuses is decoded by PIL and converted to 8-bit RGB, as the pipeline's DecodeStage
+    does (open_clip's convert("RGB")), so the same bytes give the same pixels in both. Not
+    torchvision's PNG decoder: in 0.29.1 it kills the process on damaged IDAT data (PIL raises) and
+    returns a 16-bit PNG as uint16."""
+    jpeg = data[:3] == _JPEG_MAGIC
+    if jpeg and _TV_DECODE is not None and header_fits(data, max_image_pixels):
         with contextlib.suppress(RuntimeError):
             return resize_crop(_TV_DECODE(data), (size, size)).numpy()
     with open_image(data) as pil:
         full_size = pil.size
         fit_pixel_limit(pil, max_image_pixels)
         img = None
-        if _TV_DECODE is not None and pil.size == full_size:
+        if jpeg and _TV_DECODE is not None and pil.size == full_size:
             with contextlib.suppress(RuntimeError):
                 img = _TV_DECODE(data)
         if img is None:
-            pil.load()  # a truncated file raises here rather than decoding garbage
+            pil.load()  # damaged or truncated data raises here rather than decoding garbage
             img = torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
     return resize_crop(img, (size, size)).numpy()
 
