@@ -1,10 +1,11 @@
 """Which planted noise kinds FLYT's one-step objective asks to up-weight, and why (issue 20, item 4).
 
     python benchmarks/flyt_by_noise.py [--world DIR --metadata DIR] [--preset ci] [--batches 50]
-        [--batch N] [--variants base ce sgd terms trained ...] [--ref-steps 30] [--seed 0]
+        [--batch N] [--variants base lr=5e-5 ce sgd terms trained ...] [--ref-steps 30] [--seed 0]
         [--threads N] [--override key=value ...] [--out FILE]
 
-At uniform weights w = 1/B the scorer's first move is along d = dJ/dw, the exact hypergradient of
+At the scorer's initial weights (w = 1/B for the preset's uniform init) the scorer's first move
+follows d = dJ/dw, the exact hypergradient of
 J(w) = L_down(AdamW_step(θ, ∇θ L_up(θ; w))) (training/flyt/hypergrad.hypergradient_step). Softmax
 weights only see d up to a constant, so per batch the centred d_i − mean(d) is what counts; a
 NEGATIVE centred d means the objective wants example i up-weighted. For --batches upstream
@@ -12,8 +13,8 @@ batches (the FLYT loop's own batches 0..N-1, the moments warmed as the loop warm
 this collects the centred d per planted noise kind (the world's ground truth) and prints, per kind:
 its mean ± standard error over examples (and over batches: the batch means' spread, since a
 batch's examples share one downstream batch), the mean z (centred d over the batch's std, so
-variants of different scale compare), `pref` (the mean share of its batch that example is
-preferred to, i.e. has a larger d: 0.5 neutral, 1 the most wanted) and the mean per-example
+variants of different scale compare), `pref` (the mean share of the rest of its batch whose d is
+larger than the example's: 0.5 neutral, 1 the most wanted) and the mean per-example
 upstream CLIP loss at θ (how badly the reference fits the pair).
 
 Everything is built as training/flyt/train.py builds it (setup_scorer, PoolBatches, load_downstream,
@@ -34,8 +35,8 @@ batches, downstream loss clip, 32 examples per task). Variants, each one change 
            to the whole d and say which parameters carry the preference
   init=I   weights from the scorer at its init I (uniform, the preset's: w = 1/B; clip_score;
            random) instead of the preset's init
-Per variant, the scorer's first move is read too: the scorer at its init (the preset's, seeded as
-the loop seeds it) receives ∇φ J = VJP of softmax(q_φ(Ψ)) with d each batch; summed over the
+Per variant, the scorer's first move is read too: the scorer at its init (the preset's or init=I's,
+seeded as the loop seeds it) receives ∇φ J = VJP of softmax(q_φ(Ψ)) with d each batch; summed over the
 batches, its first-order change of score Δs = J_φ s · Δφ on random pool rows, for Δφ = −Σ ∇φ J
 (gradient descent) and Δφ = −mean/rms of the per-batch ∇φ J (what AdamW's early steps follow), is
 given per kind as the mean z of Δs over those rows (positive: that kind's scores rise). Unlike d,
@@ -107,7 +108,7 @@ def main() -> None:
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="more FLYT config overrides")
     p.add_argument("--batches", type=int, default=50, help="upstream batches measured")
     p.add_argument("--batch", type=int, default=0, help="upstream batch size (default: the preset's)")
-    p.add_argument("--variants", nargs="*", default=["base", "ce", "sgd", "terms", "trained"],
+    p.add_argument("--variants", nargs="*", default=["base", "lr=5e-5", "ce", "sgd", "terms", "trained"],
                    help=f"base, or '+'-joined changes of {', '.join(CHANGES)}, lr=X")
     p.add_argument("--ref-steps", type=int, default=30, help="plain reference steps before measuring (trained)")
     p.add_argument("--seed", type=int, default=0, help="the loop's seed (batch order, downstream batches)")
