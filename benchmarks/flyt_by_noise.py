@@ -43,7 +43,7 @@ given per kind as the mean z of Δs over those rows (positive: that kind's score
 this includes how the scorer generalises from the examples it saw to similar Ψ.
 Default world: the demo's tiny world (runs/compare/tiny: world, pipeline metadata, the world's b32
 as reference, as compare wires FLYT); without it a ci world, its reference and metadata are made
-in a temporary folder (several minutes on a CPU). Deterministic given --seed.
+in a temporary folder (several minutes on a CPU; --world ci asks for it). Deterministic given --seed.
 Writes benchmarks/results/flyt_by_noise.json.
 """
 from __future__ import annotations
@@ -101,7 +101,8 @@ def _is_float(x: str) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", default="", help="a world folder with ground truth (default: the demo's tiny world)")
+    p.add_argument("--world", default="", help="a world folder with ground truth (default: the demo's tiny world; "
+                   "'ci': make a ci world, its reference and metadata in a temporary folder)")
     p.add_argument("--metadata", default="", help="the pipeline's OUT/metadata for the world's pool")
     p.add_argument("--reference", default="", help="reference CLIP (default: <world>/models/b32, as compare)")
     p.add_argument("--preset", default="ci", help="FLYT preset (configs/flyt/)")
@@ -132,6 +133,8 @@ def main() -> None:
 
 def _inputs(args, tmp: Path) -> list[str]:
     """FLYT config overrides naming the world, its metadata and the reference."""
+    if args.world == "ci":
+        return _ci_inputs(tmp)
     if args.world:
         if not args.metadata:
             raise SystemExit("--world needs --metadata (the pipeline's OUT/metadata for its pool)")
