@@ -29,6 +29,7 @@ from clipsift import formats, shards
 from clipsift.eval.models import ModelSpec
 from clipsift.pipeline.config import EmbedConfig, RayConfig, ScoreConfig
 from clipsift.pipeline.heads import HeadError, HeadSpec, build_heads
+from hostile_images import png_claiming
 
 TINY_VIT = {
     "model_cfg": {"embed_dim": 48, "vision_cfg": {"image_size": 24, "layers": 1, "width": 32, "patch_size": 8,
@@ -594,21 +595,6 @@ def test_device_decoding_pipeline_keeps_the_same_rows_and_close_embeddings(ci_wo
 
 
 # ---------------------------------------------------------------- image size limit (issue 22, item 6)
-def _png_claiming(w: int, h: int) -> bytes:
-    """A tiny PNG whose header claims w x h pixels (its data is a 1x1 image's): PIL reads the size
-    from the header alone, so the limits act on it without anyone decoding a huge image."""
-    import struct
-    import zlib
-
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = bytes(data[12:16]) + struct.pack(">II", w, h) + bytes(data[24:29])
-    data[16:24] = ihdr[4:12]
-    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
-    return bytes(data)
-
-
 def test_images_over_the_pixel_limit_are_skipped_or_decoded_reduced(models, tmp_path):
     """Over max_image_pixels a JPEG decodes at PIL's draft scale (the least of 1/2, 1/4, 1/8 that
     fits), anything else is an image_too_large skip, as is an image past PIL's own bomb limit with no
@@ -646,7 +632,7 @@ def test_images_over_the_pixel_limit_are_skipped_or_decoded_reduced(models, tmp_
     for key, a in decode_image(small, unlimited)[0].items():
         np.testing.assert_array_equal(same[key], a)
     # past PIL's own limit (2 x Image.MAX_IMAGE_PIXELS): too large, not corrupt, with no limit of ours
-    bomb = _png_claiming(20_000, 20_000)
+    bomb = png_claiming(20_000, 20_000)
     assert decode_image(bomb, unlimited)[1].reason == shards.IMAGE_TOO_LARGE
     assert decode_image(bomb, unlimited)[1].detail.startswith("DecompressionBombError")
 

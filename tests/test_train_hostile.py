@@ -23,6 +23,7 @@ from clipsift.training import DataConfig
 from clipsift.pipeline.config import MAX_IMAGE_PIXELS
 from clipsift.pipeline.decode import header_fits
 from clipsift.training.data import decode_image, decode_shard, open_data
+from hostile_images import png_claiming
 
 SIZE = 32  # the ci world's images and world-rn-s's input
 
@@ -34,16 +35,6 @@ def real_bomb() -> bytes:
     Image.new("L", (8000, 8000), 128).save(buf, format="PNG", compress_level=9)
     return buf.getvalue()
 
-
-def png_claiming(w: int, h: int) -> bytes:
-    """A 1x1 PNG whose header claims w x h pixels: past PIL's hard limit, refused from the header."""
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = bytes(data[12:16]) + struct.pack(">II", w, h) + bytes(data[24:29])
-    data[16:24] = ihdr[4:12]
-    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
-    return bytes(data)
 
 
 def big_jpeg() -> bytes:
