@@ -114,6 +114,8 @@ class MixerConfig:
     columns: list[str] = field(default_factory=lambda: ["clip_b32_similarity_score", "clip_l14_similarity_score"])
     # More folders of per-uid score parquets joined to `metadata` by uid (e.g. a FLYT run's scores/).
     extra_metadata: list[str] = field(default_factory=list)
+    # The paper's 1e-3 over 5000 steps. AdamW moves a weight ~lr a step, so a shorter run keeps the
+    # paper's reach (lr x steps = 5) with lr = 5 / steps: the presets do (configs/mflyt/*.yaml)
     lr: Positive = 1e-3
     # random: PyTorch's default nn.Linear init, as the paper. zero: every example starts with the same
     # score (nothing ranked by chance), for runs too short to move away from a random start
