@@ -514,19 +514,25 @@ def test_cuda_steps_never_wait_for_the_gpu(tmp_path):
 @CUDA
 @pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
 def test_cuda_decoded_stream_matches_the_cpu_path_within_rounding(ci_world):
-    """nvJPEG on the GPU: the same samples in the same order as image_decode=cpu, pixels within
-    rounding (a different IDCT)."""
+    """nvJPEG on the GPU: the same samples in the same order as image_decode=cpu, pixels close but
+    not bit-equal: nvJPEG's IDCT and chroma upsampling differ from libjpeg's, and the resize runs
+    on the device. Measured on an H100 (commit 93bcac4, 1.66M values): mean |diff| 1.30, median 1,
+    99th percentile 13, max 64 (sharp saturated edges of 32 px shapes), 0.036% above 32. A swapped
+    channel, a shifted crop or another sample would put the mean far above these bounds."""
     paths = find_shards(ci_world / "pool" / "shards")
     cpu, _, _ = _stream_batches(paths, 24, 20, "cpu")
     data = StreamData(paths, 24, "world-rn-s", None, batch_size=48, seed=5, workers=2, shuffle_buffer=64,
                       image_decode="device", device=torch.device("cuda", 0))
     batches = data.batches(0)
+    diffs = []
     for a in cpu:
         b = next(batches)
         assert b.images.device.type == "cuda" and a.uids == b.uids
-        diff = (a.images.int() - b.images.cpu().int()).abs().float()
-        assert diff.mean() < 2.0 and diff.max() < 64, (diff.mean(), diff.max())
+        diffs.append((a.images.int() - b.images.cpu().int()).abs().float().flatten())
     batches.close()
+    diff = torch.cat(diffs)
+    assert diff.mean() < 2.0 and (diff > 16).float().mean() < 0.01 and (diff > 32).float().mean() < 0.001, \
+        (diff.mean(), (diff > 16).float().mean(), (diff > 32).float().mean())
 
 
 def test_reference_models_are_the_same_run_by_relative_or_absolute_world_path(ci_world, monkeypatch):
