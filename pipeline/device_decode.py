@@ -25,8 +25,8 @@ import torch
 
 from clipsift.pipeline.decode import ImageFailure, decode_image, header_fits, open_image
 from clipsift.pipeline.encoders import ImagePrep, Plan, PlanError
+from clipsift.pipeline.image_header import JPEG_MAGIC
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_END = b"\xff\xd9"
 # torchvision >= 0.29 warns on every decode call that its decoders are deprecated. Filtered once
 # here rather than with catch_warnings per call, which is not thread-safe (training decodes in threads).
@@ -49,7 +49,7 @@ def check_device_decodable(images: list[ImagePrep]) -> None:
 
 def complete_jpeg(data: bytes) -> bool:
     """A JPEG from its SOI to a final EOI marker: the only files handed to the batch decoder."""
-    return data[:3] == _JPEG_MAGIC and data[-2:] == _JPEG_END
+    return data[:3] == JPEG_MAGIC and data[-2:] == _JPEG_END
 
 
 def decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:

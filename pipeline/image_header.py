@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import zlib
 
+JPEG_MAGIC = b"\xff\xd8\xff"  # SOI and the first marker's 0xFF: how every JPEG starts
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _JPEG_RST = frozenset(range(0xD0, 0xD8))  # standalone: no length follows
 # segments PIL skips by their length without looking inside: DHT, DAC, DNL, DRI, EXP, COM
@@ -24,7 +25,7 @@ _PNG_MODES = frozenset({(1, 0), (2, 0), (4, 0), (8, 0), (16, 0), (8, 2), (16, 2)
 
 def image_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG or PNG as PIL's Image.open would give it, or None (see the module doc)."""
-    if data[:3] == b"\xff\xd8\xff":
+    if data[:3] == JPEG_MAGIC:
         return _jpeg_size(data)
     if data[:8] == _PNG_SIGNATURE:
         return _png_size(data)

@@ -49,7 +49,8 @@ from clipsift.config import ConfigError
 from clipsift.eval.models import tokenizer
 from clipsift.pipeline.config import MAX_IMAGE_PIXELS
 from clipsift.pipeline.decode import fit_pixel_limit, header_fits, image_failure, open_image
-from clipsift.pipeline.device_decode import _JPEG_MAGIC, complete_jpeg, decode_jpegs, resize_crop, within_limit
+from clipsift.pipeline.image_header import JPEG_MAGIC
+from clipsift.pipeline.device_decode import complete_jpeg, decode_jpegs, resize_crop, within_limit
 from clipsift.runlog import Counts
 
 log = logging.getLogger("clipsift.training")
@@ -136,7 +137,7 @@ def decode_image(data: bytes, size: int, max_image_pixels: int = MAX_IMAGE_PIXEL
     does (open_clip's convert("RGB")), so the same bytes give the same pixels in both. Not
     torchvision's PNG decoder: in 0.29.1 it kills the process on damaged IDAT data (PIL raises) and
     returns a 16-bit PNG as uint16."""
-    jpeg = data[:3] == _JPEG_MAGIC
+    jpeg = data[:3] == JPEG_MAGIC
     if jpeg and _TV_DECODE is not None and header_fits(data, max_image_pixels):
         with contextlib.suppress(RuntimeError):
             return resize_crop(_TV_DECODE(data), (size, size)).numpy()

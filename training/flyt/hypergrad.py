@@ -277,8 +277,8 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
     # 3. Ė = J_θ f · v through the upstream pass's linearisation (upstream_gradient), then
     #    d = ∂/∂w ⟨∇_E L_up(E; w), Ė⟩ at embedding level.
     with phase("jvp"):
-        keep = names if tangent_names is None else tangent_names
-        du, dt, dtau = upstream.tangent([v[k] if k in keep else torch.zeros_like(v[k]) for k in names])
+        along = [v[k] if tangent_names is None or k in tangent_names else torch.zeros_like(v[k]) for k in names]
+        du, dt, dtau = upstream.tangent(along)
     u, t, tau = upstream.embeddings
     du, dt = comm.gather(du), comm.gather(dt)
 
