@@ -294,3 +294,14 @@ def test_mixer_standardises_inputs_and_treats_missing_as_mean():
     s = mixer(x)
     assert s.tolist() == pytest.approx([-1 - 2 * 10 / math.sqrt(200), 0.0, 1 + 2 * 10 / math.sqrt(200)])
     assert set(mixer.weights()) == {"a", "b", "(bias)"}
+
+
+@pytest.mark.parametrize("preset", ["ci", "bench", "paper"])
+def test_mflyt_presets_give_the_mixer_the_papers_reach(preset):
+    """AdamW moves a weight ~lr a step, so lr x steps is how far the mixer can go: every M-FLYT
+    preset keeps the paper's 1e-3 x 5000 = 5 (within rounding of the lr written in the YAML)."""
+    from clipsift import config
+    from clipsift.training.flyt.config import MFlytConfig
+
+    cfg = config.load(MFlytConfig, config.preset_path("mflyt", preset), [])
+    assert cfg.mixer.lr * cfg.steps == pytest.approx(5.0, rel=0.01)
