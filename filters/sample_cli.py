@@ -32,6 +32,7 @@ class SampleConfig:
     score: str = "clip_b32_similarity_score"  # the column to sample by (higher = better)
     method: Literal["scs", "hcs", "top_fraction", "threshold"] = "scs"
     alpha: NonNegative = sampling.DEFAULT_ALPHA  # scs: logit decrease per draw
+    logit_std: NonNegative = 0.0  # scs/hcs: 0 = the scores as logits (the paper); > 0 = standardised to this std first
     batch_size: Natural = 0  # scs: distinct draws per round; 0 = scaled to the rows as FLYT's 100k to 128M
     total: Natural = 0  # scs/hcs: draws to make; 0 = number of sampled rows (DataComp: samples seen = pool size)
     fraction: Fraction = 0.3  # top_fraction: scores >= the one at rank int(fraction * rows), ties kept (DataComp)
@@ -125,6 +126,8 @@ def run(cfg: SampleConfig) -> dict:
 
 def sample_counts(scores: np.ndarray, cfg: SampleConfig) -> np.ndarray:
     total = cfg.total or None  # 0 means "as many draws as rows"
+    if cfg.method in ("scs", "hcs") and cfg.logit_std:
+        scores = sampling.standardise(scores, cfg.logit_std)
     if cfg.method == "scs":
         return sampling.soft_cap_sample(scores, total, alpha=cfg.alpha,
                                         batch_size=scs_round_size(len(scores), cfg.batch_size),

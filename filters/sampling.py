@@ -122,6 +122,20 @@ def soft_cap_sample_direct(scores: np.ndarray, total: int | None = None, *, alph
     return counts
 
 
+def standardise(scores: np.ndarray, std: float) -> np.ndarray:
+    """Scores shifted and scaled to mean 0 and the given standard deviation (float64).
+
+    Softmax samplers read scores as logits, so their spread sets how strongly a draw prefers a
+    high score; this fixes that spread instead of inheriting whatever scale a scorer ended at.
+    A constant score column stays constant (all zeros): every example equally likely.
+    """
+    scores = _check_scores(scores).astype(np.float64)
+    if not scores.size or scores.min() == scores.max():  # (the std of equal floats can round above 0)
+        return np.zeros_like(scores)
+    centred = scores - scores.mean()
+    return centred * (std / centred.std())
+
+
 def hard_cap_sample(scores: np.ndarray, total: int | None = None, *, cap: int,
                     seed: int | np.random.Generator = 0, chunk: int = 1 << 22) -> np.ndarray:
     """Hard Cap Sampling; returns counts (int32) with every count <= cap and sum == total.

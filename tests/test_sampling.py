@@ -10,6 +10,7 @@ import copy
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -17,8 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipsift import cli
+from clipsift.filters.sample_cli import SampleConfig, sample_counts
 from clipsift.filters.sampling import (hard_cap_sample, repetition_histogram, soft_cap_sample,
-                                       soft_cap_sample_direct, threshold_select, top_fraction,
+                                       soft_cap_sample_direct, standardise, threshold_select, top_fraction,
                                        write_counts_subset)
 from clipsift.filters.sampling_blocks import BlockPool
 from clipsift.formats import SUBSET_DTYPE, random_uids, read_subset, u8u8_to_uids
@@ -246,6 +248,23 @@ def test_scs_counts_follow_the_soft_cap_law():
         near = np.abs(s - q) < 0.25
         assert abs(c[near].mean() - law[near].mean()) < 0.1 * law[near].mean() + 0.1, q
     assert c[s > 3.2].mean() > 3 * c[np.abs(s - 1.5) < 0.1].mean()
+
+
+def test_logit_std_fixes_the_samplers_spread_whatever_the_scorers_scale():
+    """logit_std > 0: SCS sees the scores standardised, so any positive rescaling and shift of a
+    scorer's output gives the same draws, and a larger std concentrates them on fewer examples."""
+    s = np.random.default_rng(3).normal(size=5_000)
+    z = standardise(s, 2.0)
+    assert abs(z.mean()) < 1e-9 and abs(z.std() - 2.0) < 1e-9
+    assert np.array_equal(np.argsort(z), np.argsort(s))
+    assert not standardise(np.full(10, 4.2), 2.0).any()  # a constant column: every example alike
+    cfg = SampleConfig(method="scs", alpha=0.15, total=5_000, batch_size=50, logit_std=2.0, seed=4)
+    base = sample_counts(s, cfg)
+    assert np.array_equal(base, sample_counts(0.1 * s - 3.0, cfg))
+    assert np.array_equal(sample_counts(z, replace(cfg, logit_std=0.0)), base)  # = SCS on the standardised logits
+    sharper = sample_counts(s, replace(cfg, logit_std=3.0))
+    assert base.sum() == sharper.sum() == 5_000
+    assert np.count_nonzero(sharper) < 0.8 * np.count_nonzero(base) and sharper.max() > base.max()
 
 
 # ---------------------------------------------------------------- other samplers
