@@ -287,7 +287,9 @@ def test_gpu_preset_runs_every_demo_strategy_and_mixes_every_input():
 
     tiny, gpu = (config.load(CompareConfig, config.preset_path("compare", p)) for p in ("tiny", "gpu"))
     names = [s.name for s in gpu.strategies]
-    assert set(names) - {s.name for s in tiny.strategies} == {"negclip_top30", "dfn_top30"}
+    assert set(names) - {s.name for s in tiny.strategies} == {"negclip_top30", "dfn_top30", "mflyt_scs_a025_std3"}
+    paper_scs = [s.sample for s in gpu.strategies if s.sample and s.sample.method == "scs" and not s.sample.logit_std]
+    assert sorted(s.alpha for s in paper_scs) == [0.15, 0.25]  # the paper's SCS rows stay beside the deviation
     assert gpu.seeds == [0, 1, 2] and all(s.seeds is None for s in gpu.strategies)  # 3 seeds each
     assert (gpu.world, gpu.scale, gpu.learned.flyt_preset, gpu.learned.mflyt_preset) == ("bench",) * 4
     inputs = {"negclip_score", "clip_dfn_similarity_score", "linear_classifier_score"}
