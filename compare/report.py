@@ -29,7 +29,9 @@ def aggregate(strategies, results: list[dict[str, Any]]) -> list[dict[str, Any]]
         if not runs:
             continue
         tasks = [t["name"] for t in runs[0]["summary"]["tasks"]]
-        groups = list(runs[0]["summary"]["groups"])
+        # groups in the tasks' order (tasks.yaml), not the summary dict's: a resumed run reads its
+        # results back from JSON written with sorted keys, and must write the same report
+        groups = list(dict.fromkeys(t["group"] for t in runs[0]["summary"]["tasks"]))
         value = lambda r, t: next(x["value"] for x in r["summary"]["tasks"] if x["name"] == t)  # noqa: E731
 
         def stat(values):

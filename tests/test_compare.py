@@ -131,10 +131,11 @@ def test_only_must_name_known_strategies():
 
 
 def _fake_result(strategy: str, seed: int, average: float) -> dict:
-    tasks = [{"name": "shapes", "group": "main", "type": "classification", "main_metric": "acc1", "value": average,
-              "cached": False}]
+    tasks = [{"name": name, "group": group, "type": "classification", "main_metric": "acc1", "value": average,
+              "cached": False} for name, group in (("shapes", "main"), ("shapes_outline", "distribution shift"))]
     return {"strategy": strategy, "seed": seed, "subset_size": 10, "unique": 8, "train_seconds": 1.0,
-            "summary": {"model": "m", "n_tasks": 1, "average": average, "groups": {"main": average}, "tasks": tasks}}
+            "summary": {"model": "m", "n_tasks": 2, "average": average, "tasks": tasks,
+                        "groups": {"main": average, "distribution shift": average}}}
 
 
 def test_finished_runs_are_not_run_again_and_the_report_aggregates_seeds(ci_world, tmp_path):
@@ -156,6 +157,9 @@ def test_finished_runs_are_not_run_again_and_the_report_aggregates_seeds(ci_worl
     assert rows["b"]["average"]["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     table = (tmp_path / "cmp" / "report" / "results.md").read_text()
     assert table.index("| b |") < table.index("| a |")  # best first
+    # columns in the tasks' order, although the results were read back from JSON with sorted keys
+    assert table.index("| shapes |") < table.index("| shapes_outline |") < table.index("| [main] |") \
+        < table.index("| [distribution shift] |")
     kept = json.loads((tmp_path / "cmp" / "report" / "noise_kept.json").read_text())
     assert set(kept) == {"a", "b"} and all(0 <= v <= 1 for v in kept["a"].values())
     page = (tmp_path / "cmp" / "report" / "report.md").read_text()
