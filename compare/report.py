@@ -192,6 +192,47 @@ def noise_kept(compare, strategies) -> dict[str, dict[str, float]]:
     return out
 
 
+def content_kept(compare, strategies) -> dict[str, dict[str, float]]:
+    """What each subset trains on, by the world's ground truth, counted per draw (repeats count, as
+    training sees them; a learned strategy's mean over its scorer seeds), with the pool as a
+    reference row: the share of off-task pairs, and among shape pairs the share of outline drawings
+    (the shift task's style), of three-object scenes (counting's hardest class) and the ratio of the
+    commonest to the rarest shape (1 = balanced; the pool's long tail is Zipf)."""
+    from clipsift.world.generate import load_ground_truth
+
+    gt = load_ground_truth(compare.world)
+    keys = formats.uids_to_u8u8(gt.column("uid").to_pylist())
+    family, style = np.array(gt.column("family").to_pylist()), np.array(gt.column("style").to_pylist())
+    count, shape = np.array(gt.column("count").to_pylist()), np.array(gt.column("shape").to_pylist())
+    is_shape = family == "shape"
+    shapes = sorted(set(shape[is_shape]))
+
+    def composition(draws: np.ndarray) -> dict[str, float]:
+        per_shape = np.array([draws[is_shape & (shape == k)].sum() for k in shapes], dtype=float)
+        n_shape = max(draws[is_shape].sum(), 1)
+        return {"off_task": float(draws[~is_shape].sum() / max(draws.sum(), 1)),
+                "outline": float(draws[is_shape & (style == "outline")].sum() / n_shape),
+                "three_objects": float(draws[is_shape & (count == 3)].sum() / n_shape),
+                # None: some shape never drawn (no finite ratio; JSON has no infinity)
+                "shape_max_over_min": float(per_shape.max() / per_shape.min()) if per_shape.min() > 0 else None}
+
+    order = np.argsort(keys)
+    out = {"(pool)": composition(np.ones(len(keys)))}
+    for s in strategies:
+        paths = [p for p in (compare.subset_path(s, sc) for sc in _scorer_seeds(compare, s)) if p.is_file()]
+        rows = []
+        for p in paths:
+            uids, n = np.unique(np.load(p), return_counts=True)
+            draws = np.zeros(len(keys))
+            at = order[np.searchsorted(keys[order], uids)]
+            draws[at[keys[at] == uids]] = n[keys[at] == uids]
+            rows.append(composition(draws))
+        if rows:
+            out[s.name] = {k: None if any(r[k] is None for r in rows) else float(np.mean([r[k] for r in rows]))
+                           for k in rows[0]}
+    return out
+
+
 def score_by_noise(compare, columns: list[str], scorer_seed: int) -> dict[str, dict[str, np.ndarray]]:
     """Score values per planted noise kind, for each score column this run has computed (none is
     computed here: the report only reads what the strategies produced); learned scores of one seed."""
@@ -284,6 +325,9 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
         ax.set_title("Fraction of each planted noise kind kept (world ground truth)")
         figures.append(_save(fig, out / "noise_kept.png", "Planted noise kept by each strategy"))
         write_json(out / "noise_kept.json", kept)
+    content = content_kept(compare, strategies) if kept else {}
+    if content:
+        write_json(out / "content_kept.json", content)
 
     cols = ["clip_b32_similarity_score", "clip_l14_similarity_score", "flyt_score", "mflyt_score"]
     first = min((sc for s in strategies for sc in _scorer_seeds(compare, s) if sc is not None), default=0)
@@ -337,6 +381,15 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
         page += ["", "## Planted noise kept", "", "| strategy | " + " | ".join(kinds) + " |",
                  "|" + "---|" * (len(kinds) + 1)]
         page += [f"| {n} | " + " | ".join(f"{kept[n][k]:.2f}" for k in kinds) + " |" for n in kept]
+    if content:
+        page += ["", "## What the subsets train on", "",
+                 "Per draw (repeats count), by the world's ground truth: the share of off-task pairs; among "
+                 "shape pairs the share of outline drawings and of three-object scenes, and the commonest "
+                 "shape's draws over the rarest's.", "",
+                 "| strategy | off-task | outline | three objects | commonest / rarest shape |", "|---|---|---|---|---|"]
+        ratio = lambda r: "—" if r is None else f"{r:.1f}"  # noqa: E731
+        page += [f"| {n} | {c['off_task']:.3f} | {c['outline']:.3f} | {c['three_objects']:.3f} | "
+                 f"{ratio(c['shape_max_over_min'])} |" for n, c in content.items()]
     if overlap:
         page += ["", "## Subset stability across scorer seeds", "",
                  "Jaccard overlap of each learned strategy's subsets, one per scorer seed: for a top-k the "

@@ -146,7 +146,9 @@ def test_finished_runs_are_not_run_again_and_the_report_aggregates_seeds(ci_worl
     uids = formats.u8u8_to_uids(formats.uids_to_u8u8(
         __import__("clipsift.world.generate", fromlist=["x"]).load_ground_truth(ci_world).column("uid").to_pylist()))
     for name, avg in (("a", [0.2, 0.3]), ("b", [0.5, 0.7])):
-        formats.write_subset(tmp_path / "cmp" / "subsets" / name / "subset.npy", uids[: 100 if name == "a" else 50])
+        # b: 50 pairs, the first 10 drawn twice (repeats count in what a subset trains on)
+        formats.write_subset(tmp_path / "cmp" / "subsets" / name / "subset.npy",
+                             uids[:100] if name == "a" else uids[:50] + uids[:10])
         for seed, v in zip((0, 1), avg):
             write_json(tmp_path / "cmp" / "runs" / name / f"seed{seed}" / "result.json", _fake_result(name, seed, v))
     results = Compare(cfg, echo=lambda s: None).run()  # would train for minutes if it did not reuse them
@@ -162,6 +164,17 @@ def test_finished_runs_are_not_run_again_and_the_report_aggregates_seeds(ci_worl
         < table.index("| [distribution shift] |")
     kept = json.loads((tmp_path / "cmp" / "report" / "noise_kept.json").read_text())
     assert set(kept) == {"a", "b"} and all(0 <= v <= 1 for v in kept["a"].values())
+    content = json.loads((tmp_path / "cmp" / "report" / "content_kept.json").read_text())
+    gt = __import__("clipsift.world.generate", fromlist=["x"]).load_ground_truth(ci_world).to_pylist()
+    draws = [2] * 10 + [1] * 40  # b, by hand
+    shape_rows = [(r, n) for r, n in zip(gt[:50], draws) if r["family"] == "shape"]
+    assert content["b"]["off_task"] == pytest.approx(sum(n for r, n in zip(gt[:50], draws) if r["family"] != "shape") / 60)
+    assert content["b"]["outline"] == pytest.approx(sum(n for r, n in shape_rows if r["style"] == "outline")
+                                                    / sum(n for _, n in shape_rows))
+    assert content["b"]["three_objects"] == pytest.approx(sum(n for r, n in shape_rows if r["count"] == 3)
+                                                          / sum(n for _, n in shape_rows))
+    assert content["(pool)"]["outline"] == pytest.approx(
+        np.mean([r["style"] == "outline" for r in gt if r["family"] == "shape"]))
     page = (tmp_path / "cmp" / "report" / "report.md").read_text()
     assert "![Average per strategy](average.png)" in page and (tmp_path / "cmp" / "report" / "average.png").is_file()
 

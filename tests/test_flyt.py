@@ -71,6 +71,31 @@ def test_zeroshot_loss_is_cross_entropy_with_learned_temperature():
     assert float(zeroshot_loss(img, cls, labels, rho)) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_downstream_clip_losses_one_over_all_tasks_or_one_per_task():
+    """loss=clip: one contrastive loss over every task's pairs (another task's prompts are
+    negatives); loss=clip_per_task: each task's own CLIP loss, averaged over tasks. Hand-built:
+    a classification task (3 images, 2 class prompts) and a retrieval task (2 image-caption pairs)."""
+    g = torch.Generator().manual_seed(2)
+    img, txt = unit(torch.randn(5, 4, generator=g)), unit(torch.randn(4, 4, generator=g))
+    labels = torch.tensor([1, 0, 1])
+    batch = fdata.DownBatch(torch.zeros(5, 1), torch.zeros(4, 1, dtype=torch.long),
+                            [("classification", slice(0, 3), slice(0, 2), labels), ("retrieval", slice(3, 5), slice(2, 4), None)])
+    rho = torch.tensor(2.0)
+    embed = lambda images, tokens: (img, txt, torch.tensor(1.0))  # noqa: E731
+    pairs = torch.cat([txt[:2][labels], txt[2:4]])  # each image's text: its class prompt, or its caption
+
+    def clip(u, t):  # both directions' mean cross-entropy at scale exp(rho), written out
+        logits = math.exp(2.0) * u @ t.T
+        n = torch.arange(len(u))
+        return float(-(torch.log_softmax(logits, 1)[n, n].mean() + torch.log_softmax(logits, 0)[n, n].mean()) / 2)
+
+    joint = fdata.downstream_loss(embed, batch, rho, "clip")
+    per_task = fdata.downstream_loss(embed, batch, rho, "clip_per_task")
+    assert float(joint) == pytest.approx(clip(img, pairs), rel=1e-6)
+    assert float(per_task) == pytest.approx((clip(img[:3], pairs[:3]) + clip(img[3:], pairs[3:])) / 2, rel=1e-6)
+    assert float(joint) != pytest.approx(float(per_task), rel=1e-3)
+
+
 # ---------------------------------------------------------------- AdamW
 def test_functional_adamw_matches_torch_adamw_over_several_steps():
     torch.manual_seed(0)

@@ -42,7 +42,10 @@ class DownstreamConfig:
     # default because it is the paper's form that lets the world's retrieval task (a quarter of the
     # average) shape the scorer. mixed: this repo's earlier loss (classification CE averaged with each
     # retrieval task's CLIP loss at the reference's own τ), kept to reproduce older runs.
-    loss: Literal["ce", "clip", "mixed"] = "clip"
+    # clip_per_task: each task's own CLIP loss at exp(ρ), averaged over tasks (no task's prompts are
+    # another's negatives: the world's tasks share class names and templates); an ablation, it did
+    # not help on the tiny world (docs/results/flyt-ablations.md).
+    loss: Literal["ce", "clip", "clip_per_task", "mixed"] = "clip"
     # reference: ρ takes AdamW steps with the reference model's settings (its lr schedule, betas, eps,
     # no decay), as the paper's code, where ρ is a reference parameter. scorer: in the scorer's AdamW
     # (this repo's earlier choice, kept to reproduce older runs).

@@ -241,9 +241,12 @@ def downstream_loss(embed: Callable, batch: DownBatch, rho: torch.Tensor, loss: 
 
     u, t, tau = embed(batch.images, batch.tokens)
     u, t, tau, rho = u.float(), t.float(), tau.float(), rho.float()
-    if loss == "clip":
+    if loss in ("clip", "clip_per_task"):
         texts = [t[txt] if labels is None else t[txt][labels] for _, _, txt, labels in batch.parts]
-        return clip_loss(torch.cat([u[img] for _, img, _, _ in batch.parts]), torch.cat(texts), rho.exp())
+        images = [u[img] for _, img, _, _ in batch.parts]
+        if loss == "clip_per_task":
+            return torch.stack([clip_loss(i, x, rho.exp()) for i, x in zip(images, texts)]).mean()
+        return clip_loss(torch.cat(images), torch.cat(texts), rho.exp())
     losses = []
     for kind, img, txt, labels in batch.parts:
         if kind == "classification":
