@@ -241,7 +241,8 @@ class Compare:
                                f"progress={str(self.cfg.progress).lower()}", *overrides,
                                f"seed={scorer_seed}"])  # last: the scorer seed is compare's to set
             fill(cfg)
-            cfg.reference.pretrained = str(self.references["b32"].checkpoint)
+            # the world's b32 stand-in, unless the overrides name another reference
+            cfg.reference.pretrained = cfg.reference.pretrained or str(self.references["b32"].checkpoint)
             run(cfg)
         return out / "scores"
 

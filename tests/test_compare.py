@@ -256,7 +256,10 @@ def test_mflyt_inputs_are_computed_once_and_usable_by_filters_and_the_mix(ci_wor
     cfg = config.from_dict(CompareConfig, {
         "out": str(tmp_path / "cmp"), "world": str(world), "scale": "ci", "progress": False,
         "reference_overrides": ["samples_seen=1280", "warmup=2"], "dfn_overrides": ["samples_seen=640", "warmup=2"],
-        "learned": {"mflyt_overrides": ["steps=4", "checkpoint_every=2"], "mflyt_columns": columns},
+        # the reference named in the overrides is the one the mixer learns through (the DFN-style model:
+        # the b32 stand-in's architecture, trained before the mix because the mix reads its score)
+        "learned": {"mflyt_overrides": ["steps=4", "checkpoint_every=2", f"reference.pretrained={world / 'models' / 'dfn'}"],
+                    "mflyt_columns": columns},
         "strategies": [
             {"name": "negclip_top30", "filter": {"kind": "clip_score", "args": {"column": "negclip_score", "fraction": 0.3}}},
             {"name": "mflyt_top30", "sample": {"method": "top_fraction", "score": "mflyt_score", "fraction": 0.3}}]})
@@ -282,6 +285,8 @@ def test_mflyt_inputs_are_computed_once_and_usable_by_filters_and_the_mix(ci_wor
     # M-FLYT mixed exactly those columns and scored the pool
     mix = yaml.safe_load((compare.learned_dir("mflyt", 0) / "config.yaml").read_text())["mixer"]
     assert mix["columns"] == columns
+    learned_cfg = yaml.safe_load((compare.learned_dir("mflyt", 0) / "config.yaml").read_text())
+    assert learned_cfg["reference"]["pretrained"] == str(world / "models" / "dfn")
     assert np.isfinite(column(compare.score_folder("mflyt_score", 0), "mflyt_score")).all()
     assert 0.25 * len(pool) < len(mixed) < 0.35 * len(pool)
 
