@@ -105,6 +105,10 @@ class CompareConfig:
         if not self.seeds:
             raise ValueError("seeds is empty")
         for key in ("flyt_overrides", "mflyt_overrides"):
-            if any(o.split("=", 1)[0].strip() == "seed" for o in getattr(self.learned, key)):
+            given = {o.split("=", 1)[0].strip() for o in getattr(self.learned, key)}
+            if "seed" in given:
                 raise ValueError(f"learned.{key}: compare sets the scorer seed per run; remove seed= and give the "
                                  "strategy scorer_seeds instead")
+            if given & {"mixer.columns", "mixer.extra_metadata"}:  # compare would replace them
+                raise ValueError(f"learned.{key}: compare sets the mixer's inputs; remove mixer.columns= / "
+                                 "mixer.extra_metadata= and give learned.mflyt_columns instead")

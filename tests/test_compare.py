@@ -46,10 +46,13 @@ def test_bad_strategies_are_clear_errors(strategies, message):
         config.from_dict(CompareConfig, {"strategies": strategies})
 
 
-def test_the_scorer_seed_is_compares_to_set():
+def test_the_scorer_seed_and_the_mixers_inputs_are_compares_to_set():
     with pytest.raises(config.ConfigError, match="scorer_seeds instead"):
         config.from_dict(CompareConfig, {"strategies": [{"name": "a", "filter": {"kind": "basic"}}],
                                          "learned": {"flyt_overrides": ["steps=5", "seed=3"]}})
+    with pytest.raises(config.ConfigError, match="learned.mflyt_columns instead"):
+        config.from_dict(CompareConfig, {"strategies": [{"name": "a", "filter": {"kind": "basic"}}],
+                                         "learned": {"mflyt_overrides": ["mixer.columns=[normsim_score]"]}})
 
 
 def test_learned_strategies_get_one_scorer_per_seed_unless_told(tmp_path):
