@@ -321,6 +321,39 @@ def test_mixer_standardises_inputs_and_treats_missing_as_mean():
     assert set(mixer.weights()) == {"a", "b", "(bias)"}
 
 
+def test_whitened_mixer_decorrelates_its_inputs_and_reports_weights_on_the_standardised_scores(tmp_path):
+    """mixer.inputs=whitened: zP has identity covariance on the pool (ZCA, P symmetric), weights() are
+    a = P a' (a standardised mixer with those weights scores the same), and a saved mixer loads back
+    whitened through the heads' loader."""
+    from clipsift.training.flyt.heads import score_columns
+    from clipsift.training.flyt.scorer import build_scorer, whitening
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(500, 1, generator=g)
+    x = torch.cat([base + 0.1 * torch.randn(500, 1, generator=g), 2 * base + torch.randn(500, 1, generator=g),
+                   torch.randn(500, 1, generator=g)], dim=1)  # two correlated scores and an independent one
+    mean, std = standardisation(x)
+    P = whitening(x, mean, std)
+    z = (x.double() - torch.tensor(mean, dtype=torch.float64)) / torch.tensor(std, dtype=torch.float64)
+    w = z @ torch.tensor(P, dtype=torch.float64)
+    assert torch.allclose(torch.cov(w.T), torch.eye(3, dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(torch.tensor(P), torch.tensor(P).T)
+
+    mixer = LinearMixer(["a", "b", "c"], mean, std, P).zero_()
+    with torch.no_grad():
+        mixer.linear.weight[:] = torch.tensor([[0.5, -0.2, 0.1]])
+    plain = LinearMixer(["a", "b", "c"], mean, std).zero_()
+    with torch.no_grad():
+        plain.linear.weight[:] = torch.tensor([[mixer.weights()[c] for c in "abc"]])
+    assert torch.allclose(mixer(x), plain(x), atol=1e-5)
+
+    torch.save({"kind": "mflyt", "spec": mixer.spec, "inputs": ["a", "b", "c"], "state_dict": mixer.state_dict()},
+               tmp_path / "scorer.pt")
+    loaded = score_columns(tmp_path / "scorer.pt", {c: x[:, i].numpy() for i, c in enumerate("abc")})
+    assert np.allclose(loaded, mixer(x).detach().numpy(), atol=1e-5)
+    assert build_scorer({"kind": "linear", "columns": ["a"]}).whiten is None  # older mixers load unwhitened
+
+
 @pytest.mark.parametrize("preset", ["ci", "bench", "paper"])
 def test_mflyt_presets_give_the_mixer_the_papers_reach(preset):
     """AdamW moves a weight ~lr a step, so lr x steps is how far the mixer can go: every M-FLYT

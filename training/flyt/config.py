@@ -124,6 +124,10 @@ class MixerConfig:
     # score (nothing ranked by chance), for runs too short to move away from a random start
     init: Literal["random", "zero"] = "random"
     wd: NonNegative = 0.2  # on the weights, not the bias: the paper trains the mixer with its scorer AdamW
+    # standardised: each input score to mean 0, std 1 (the paper). whitened (an ablation): then
+    # decorrelated (ZCA), so AdamW, which moves every weight about lr a step, moves each independent
+    # direction of the inputs alike instead of their common one k times over.
+    inputs: Literal["standardised", "whitened"] = "standardised"
 
 
 @dataclass

@@ -90,9 +90,15 @@ class GLUScorer(nn.Module):
 
 
 class LinearMixer(nn.Module):
-    """s = Σ_k a_k (ψ_k − mean_k) / std_k + b; a missing input score counts as the mean."""
+    """s = Σ_k a_k (ψ_k − mean_k) / std_k + b; a missing input score counts as the mean.
 
-    def __init__(self, columns: list[str], mean: list[float] | None = None, std: list[float] | None = None):
+    whiten: a [k, k] matrix P applied to the standardised scores z before the weights (s = a'·(zP) + b),
+    so each learned weight acts on a decorrelated direction; `weights()` reports the weights on z
+    (a = P a'), comparable with an unwhitened mixer's.
+    """
+
+    def __init__(self, columns: list[str], mean: list[float] | None = None, std: list[float] | None = None,
+                 whiten: list[list[float]] | bool | None = None):
         super().__init__()
         k = len(columns)
         if k == 0:
@@ -102,6 +108,11 @@ class LinearMixer(nn.Module):
         self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * k, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * k, dtype=torch.float32))
         self.spec = {"kind": "linear", "columns": self.columns}
+        if whiten is not None and whiten is not False:  # True: a placeholder that a state dict fills
+            self.register_buffer("whiten", torch.eye(k) if whiten is True else torch.tensor(whiten, dtype=torch.float32))
+            self.spec["inputs"] = "whitened"
+        else:
+            self.whiten = None
 
     @torch.no_grad()
     def zero_(self) -> "LinearMixer":
@@ -112,11 +123,16 @@ class LinearMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = torch.nan_to_num((x - self.mean) / self.std, nan=0.0)
+        if self.whiten is not None:
+            z = z @ self.whiten
         return self.linear(z).squeeze(-1)
 
     def weights(self) -> dict[str, float]:
         """Learned weight per (standardised) input score, plus the bias."""
-        out = {c: float(a) for c, a in zip(self.columns, self.linear.weight[0].detach())}
+        a = self.linear.weight[0].detach()
+        if self.whiten is not None:
+            a = self.whiten @ a
+        out = {c: float(w) for c, w in zip(self.columns, a)}
         out["(bias)"] = float(self.linear.bias[0].detach())
         return out
 
@@ -126,7 +142,7 @@ def build_scorer(spec: dict[str, Any]) -> nn.Module:
     if spec["kind"] == "glu":
         return GLUScorer(spec["input_dim"], spec["hidden"], spec["depth"])
     if spec["kind"] == "linear":
-        return LinearMixer(spec["columns"])
+        return LinearMixer(spec["columns"], whiten=spec.get("inputs") == "whitened")
     raise ValueError(f"unknown scorer kind {spec['kind']!r}")
 
 
@@ -141,3 +157,16 @@ def standardisation(x: torch.Tensor) -> tuple[list[float], list[float]]:
         mean.append(m)
         std.append(s if s > 0 else 1.0)
     return mean, std
+
+
+def whitening(x: torch.Tensor, mean: list[float], std: list[float], eps: float = 1e-3) -> list[list[float]]:
+    """ZCA whitening of the standardised columns (rows with every value finite): P = C^(-1/2) for their
+    correlation matrix C, eigenvalues floored at eps. zP then has (nearly) identity covariance and each
+    column of P stays closest to its own input, so whitened weights keep their inputs' names."""
+    z = ((x.double() - torch.tensor(mean, dtype=torch.float64)) / torch.tensor(std, dtype=torch.float64))
+    z = z[torch.isfinite(z).all(dim=1)]
+    if z.shape[0] < 2:
+        raise ValueError("whitening needs at least two rows with every input score present")
+    corr = torch.cov(z.T).reshape(z.shape[1], z.shape[1])
+    lam, u = torch.linalg.eigh(corr)
+    return (u @ torch.diag(lam.clamp_min(eps).rsqrt()) @ u.T).float().tolist()

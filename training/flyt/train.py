@@ -37,7 +37,7 @@ from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, decayed_names
 from clipsift.training.flyt.config import RESUME_FREE_KEYS, FlytConfig, LoopConfig, MFlytConfig
 from clipsift.training.flyt.heads import SCORER_FILE, features_from_inputs
 from clipsift.training.flyt.hypergrad import Comm, FunctionalCLIP, hypergradient_step, scorer_backward, warm_moments
-from clipsift.training.flyt.scorer import GLUScorer, LinearMixer, standardisation
+from clipsift.training.flyt.scorer import GLUScorer, LinearMixer, standardisation, whitening
 
 log = logging.getLogger("clipsift.training.flyt")
 CHECKPOINT = Path("checkpoints") / "latest.pt"
@@ -115,7 +115,8 @@ def setup_scorer(cfg: LoopConfig) -> ScorerSetup:
         mc = cfg.mixer
         feats = fdata.column_features([cfg.metadata, *mc.extra_metadata], mc.columns)
         mean, std = standardisation(torch.from_numpy(feats.values))
-        mixer = LinearMixer(mc.columns, mean, std)
+        whiten = whitening(torch.from_numpy(feats.values), mean, std) if mc.inputs == "whitened" else None
+        mixer = LinearMixer(mc.columns, mean, std, whiten)
         if mc.init == "zero":
             mixer.zero_()
         return ScorerSetup("mflyt", mixer, feats, list(mc.columns), mc.lr, mc.wd)
