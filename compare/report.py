@@ -174,34 +174,48 @@ def _scorer_seeds(compare, strategy) -> list[int | None]:
     return list(dict.fromkeys(sc for _, sc in compare.plan(strategy)))
 
 
-def noise_kept(compare, strategies) -> dict[str, dict[str, float]]:
-    """Per strategy, the fraction of each planted noise kind whose uid is in the subset (world only);
-    a learned strategy's is the mean over its scorer seeds' subsets."""
+def subset_draws(compare, strategies) -> tuple[Any, dict[str, list[np.ndarray]]]:
+    """The world's ground truth and, per strategy, each scorer seed's subset as draws per ground-truth
+    row (0 = not in the subset; repeats counted). Strategies without a subset on disk are left out."""
     from clipsift.world.generate import load_ground_truth
 
     gt = load_ground_truth(compare.world)
-    kinds = np.array(gt.column("noise").to_pylist())
     keys = formats.uids_to_u8u8(gt.column("uid").to_pylist())
+    order = np.argsort(keys)
     out = {}
     for s in strategies:
-        paths = [p for p in (compare.subset_path(s, sc) for sc in _scorer_seeds(compare, s)) if p.is_file()]
-        if not paths:
-            continue
-        inside = np.mean([np.isin(keys, np.load(p)) for p in paths], axis=0)
-        out[s.name] = {k: float(inside[kinds == k].mean()) for k in sorted(set(kinds))}
+        per_seed = []
+        for p in (compare.subset_path(s, sc) for sc in _scorer_seeds(compare, s)):
+            if not p.is_file():
+                continue
+            uids, n = np.unique(np.load(p), return_counts=True)
+            at = order[np.searchsorted(keys[order], uids)]
+            hit = keys[at] == uids
+            draws = np.zeros(len(keys))
+            draws[at[hit]] = n[hit]
+            per_seed.append(draws)
+        if per_seed:
+            out[s.name] = per_seed
+    return gt, out
+
+
+def noise_kept(gt, drawn: dict[str, list[np.ndarray]]) -> dict[str, dict[str, float]]:
+    """Per strategy, the fraction of each planted noise kind whose uid is in the subset (world only);
+    a learned strategy's is the mean over its scorer seeds' subsets."""
+    kinds = np.array(gt.column("noise").to_pylist())
+    out = {}
+    for name, per_seed in drawn.items():
+        inside = np.mean([d > 0 for d in per_seed], axis=0)
+        out[name] = {k: float(inside[kinds == k].mean()) for k in sorted(set(kinds))}
     return out
 
 
-def content_kept(compare, strategies) -> dict[str, dict[str, float]]:
+def content_kept(gt, drawn: dict[str, list[np.ndarray]]) -> dict[str, dict[str, float]]:
     """What each subset trains on, by the world's ground truth, counted per draw (repeats count, as
     training sees them; a learned strategy's mean over its scorer seeds), with the pool as a
     reference row: the share of off-task pairs, and among shape pairs the share of outline drawings
     (the shift task's style), of three-object scenes (counting's hardest class) and the ratio of the
     commonest to the rarest shape (1 = balanced; the pool's long tail is Zipf)."""
-    from clipsift.world.generate import load_ground_truth
-
-    gt = load_ground_truth(compare.world)
-    keys = formats.uids_to_u8u8(gt.column("uid").to_pylist())
     family, style = np.array(gt.column("family").to_pylist()), np.array(gt.column("style").to_pylist())
     count, shape = np.array(gt.column("count").to_pylist()), np.array(gt.column("shape").to_pylist())
     is_shape = family == "shape"
@@ -216,20 +230,11 @@ def content_kept(compare, strategies) -> dict[str, dict[str, float]]:
                 # None: some shape never drawn (no finite ratio; JSON has no infinity)
                 "shape_max_over_min": float(per_shape.max() / per_shape.min()) if per_shape.min() > 0 else None}
 
-    order = np.argsort(keys)
-    out = {"(pool)": composition(np.ones(len(keys)))}
-    for s in strategies:
-        paths = [p for p in (compare.subset_path(s, sc) for sc in _scorer_seeds(compare, s)) if p.is_file()]
-        rows = []
-        for p in paths:
-            uids, n = np.unique(np.load(p), return_counts=True)
-            draws = np.zeros(len(keys))
-            at = order[np.searchsorted(keys[order], uids)]
-            draws[at[keys[at] == uids]] = n[keys[at] == uids]
-            rows.append(composition(draws))
-        if rows:
-            out[s.name] = {k: None if any(r[k] is None for r in rows) else float(np.mean([r[k] for r in rows]))
-                           for k in rows[0]}
+    out = {"(pool)": composition(np.ones(len(is_shape)))}
+    for name, per_seed in drawn.items():
+        rows = [composition(d) for d in per_seed]
+        out[name] = {k: None if any(r[k] is None for r in rows) else float(np.mean([r[k] for r in rows]))
+                     for k in rows[0]}
     return out
 
 
@@ -308,7 +313,8 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
         ax.set_title("Per-task results")
         figures.append(_save(fig, out / "per_task.png", "Per-task results"))
 
-    kept = noise_kept(compare, strategies)
+    gt, drawn = subset_draws(compare, strategies)
+    kept = noise_kept(gt, drawn)
     if kept:
         kinds = sorted({k for v in kept.values() for k in v})
         names = [r["strategy"] for r in order if r["strategy"] in kept]
@@ -325,7 +331,7 @@ def write_report(compare, strategies, results: list[dict[str, Any]]) -> Path:
         ax.set_title("Fraction of each planted noise kind kept (world ground truth)")
         figures.append(_save(fig, out / "noise_kept.png", "Planted noise kept by each strategy"))
         write_json(out / "noise_kept.json", kept)
-    content = content_kept(compare, strategies) if kept else {}
+    content = content_kept(gt, drawn) if kept else {}
     if content:
         write_json(out / "content_kept.json", content)
 

@@ -98,7 +98,7 @@ class LinearMixer(nn.Module):
     """
 
     def __init__(self, columns: list[str], mean: list[float] | None = None, std: list[float] | None = None,
-                 whiten: list[list[float]] | bool | None = None):
+                 whiten: list[list[float]] | None = None):
         super().__init__()
         k = len(columns)
         if k == 0:
@@ -108,8 +108,8 @@ class LinearMixer(nn.Module):
         self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * k, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * k, dtype=torch.float32))
         self.spec = {"kind": "linear", "columns": self.columns}
-        if whiten is not None and whiten is not False:  # True: a placeholder that a state dict fills
-            self.register_buffer("whiten", torch.eye(k) if whiten is True else torch.tensor(whiten, dtype=torch.float32))
+        if whiten is not None:
+            self.register_buffer("whiten", torch.tensor(whiten, dtype=torch.float32))
             self.spec["inputs"] = "whitened"
         else:
             self.whiten = None
@@ -142,7 +142,8 @@ def build_scorer(spec: dict[str, Any]) -> nn.Module:
     if spec["kind"] == "glu":
         return GLUScorer(spec["input_dim"], spec["hidden"], spec["depth"])
     if spec["kind"] == "linear":
-        return LinearMixer(spec["columns"], whiten=spec.get("inputs") == "whitened")
+        k = len(spec["columns"])  # a whitened mixer's matrix comes with its state dict
+        return LinearMixer(spec["columns"], whiten=torch.eye(k).tolist() if spec.get("inputs") == "whitened" else None)
     raise ValueError(f"unknown scorer kind {spec['kind']!r}")
 
 
