@@ -1,15 +1,16 @@
 """One FLYT step versus one plain CLIP training step of the same reference model on the same batch.
 
     python benchmarks/flyt.py [--world DIR] [--arch world-rn-s] [--batch 64] [--down-batch 16]
-                              [--repeats 7] [--device auto] [--threads N]
+                              [--repeats 7] [--device auto] [--threads N] [--jvp backward,forward]
 
 Plain step: forward + backward of open_clip's ClipLoss and torch.optim.AdamW (what `clipsift
 train` does per step). FLYT step: scorer forward, hypergradient (∇θ L_up; ∂L_down/∂g through the
 AdamW step on the downstream batch; JVP of the embeddings; d at embedding level), the scorer's
-VJP and AdamW update. Both on the world's pool images and captions; the downstream batch is
+VJP and AdamW update, once per --jvp mode (how the embeddings' JVP is taken: differentiating the
+upstream backward, or forward-mode AD; training/flyt/hypergrad.py). All on the world's pool images and captions; the downstream batch is
 --down-batch examples from each task's training split. Ψ is random (its values do not change the
-time). The two steps alternate (--repeats pairs after one warm-up each); the ratio is of their
-medians, and the median of per-pair ratios is reported beside it. bf16 autocast and CUDA syncs on
+time). The steps alternate (plain, then each FLYT mode; --repeats rounds after one warm-up each);
+each ratio is of medians, and the median of per-round ratios is reported beside it. bf16 autocast and CUDA syncs on
 a GPU. Phase times come from separate steps with a device sync around each phase (so the timed
 steps run as they would in training).
 Without --world a ci world is generated in a temporary folder. Writes benchmarks/results/flyt.json.
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--jvp", default="backward,forward", help="comma-separated JVP modes to time (hypergrad.JVP_MODES)")
     p.add_argument("--profile", default="", metavar="FILE",
                    help="also write torch.profiler's table of three FLYT steps (ops by self time) to FILE")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "flyt.json"))
@@ -74,7 +76,7 @@ def bench(world: Path, args) -> dict:
     from clipsift.training.data import MemoryData, find_shards, normalize
     from clipsift.training.flyt import data as fdata
     from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, decayed_names
-    from clipsift.training.flyt.hypergrad import FunctionalCLIP, hypergradient_step, scorer_backward
+    from clipsift.training.flyt.hypergrad import JVP_MODES, FunctionalCLIP, hypergradient_step, scorer_backward
     from clipsift.training.flyt.scorer import GLUScorer
     from clipsift.training.models import param_groups
 
@@ -132,15 +134,18 @@ def bench(world: Path, args) -> dict:
     rho = torch.nn.Parameter(torch.tensor(2.6593, device=device))
     sopt = torch.optim.AdamW(list(scorer.parameters()) + [rho], lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
     holder = {"params": params, "state": state}
+    modes = [m for m in args.jvp.split(",") if m]
+    if not modes or any(m not in JVP_MODES for m in modes):
+        raise SystemExit(f"--jvp: comma-separated modes out of {JVP_MODES}, got {args.jvp!r}")
 
-    def flyt(phases=None) -> None:
+    def flyt(phases=None, mode: str = modes[0]) -> None:
         phase = phases or (lambda _name: contextlib.nullcontext())
         with phase("scorer"):
             scores = scorer(psi)
             w = torch.softmax(scores.detach().float(), 0)
         res = hypergradient_step(fmodel, holder["params"], holder["state"], AdamWHyper(5e-5), decay, images, tokens,
                                  w, lambda p: fdata.downstream_loss(lambda x, t: fmodel(p, x, t), dbatch, rho),
-                                 [rho], None, amp=amp, timer=phases)
+                                 [rho], None, amp=amp, timer=phases, jvp_mode=mode)
         with phase("scorer"):
             sopt.zero_grad(set_to_none=True)
             scorer_backward(scores, res.d)
@@ -150,36 +155,46 @@ def bench(world: Path, args) -> dict:
             holder["params"], holder["state"] = res.params, res.state
             del res
 
-    plain(), flyt()  # warm-up
-    plain_s, flyt_s = [], []
-    for _ in range(args.repeats):  # interleaved, so a machine whose load drifts slows both alike
+    plain()
+    for mode in modes:  # warm-up
+        flyt(mode=mode)
+    plain_s, flyt_s = [], {m: [] for m in modes}
+    for _ in range(args.repeats):  # interleaved, so a machine whose load drifts slows all alike
         plain_s.append(once(plain))
-        flyt_s.append(once(flyt))
-    phases = Timer()
+        for mode in modes:
+            flyt_s[mode].append(once(lambda: flyt(mode=mode)))
 
     @contextlib.contextmanager
-    def synced(name: str):
+    def synced(timer: Timer, name: str):
         sync()
-        with phases(name):
+        with timer(name):
             yield
             sync()
 
     phase_steps = 3
-    for _ in range(phase_steps):
-        flyt(synced)
-    per_phase = {k: round(v / phase_steps, 4) for k, v in phases.as_dict().items()}
+    per_phase = {}
+    for mode in modes:
+        phases = Timer()
+        for _ in range(phase_steps):
+            flyt(lambda name: synced(phases, name), mode)
+        per_phase[mode] = {k: round(v / phase_steps, 4) for k, v in phases.as_dict().items()}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), record_shapes=True) as prof:
             for _ in range(phase_steps):
-                flyt()
+                flyt(mode=modes[0])
             sync()
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n" + prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40) + "\n")
         print(f"wrote {args.profile}")
-    med_plain, med_flyt = statistics.median(plain_s), statistics.median(flyt_s)
+    med_plain = statistics.median(plain_s)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    by_mode = {m: {"flyt_step_s": flyt_s[m], "median_flyt_step_s": round(statistics.median(flyt_s[m]), 4),
+                   "ratio_flyt_over_plain": round(statistics.median(flyt_s[m]) / med_plain, 3),
+                   "median_pairwise_ratio": round(statistics.median(f / q for f, q in zip(flyt_s[m], plain_s)), 3),
+                   "flyt_phase_mean_s": per_phase[m]}  # from separate steps with a sync around each phase
+               for m in modes}
     result = {
         "machine": {"device": str(device), "gpu": torch.cuda.get_device_name() if cuda else None,
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_1min": load,
@@ -188,18 +203,15 @@ def bench(world: Path, args) -> dict:
                   "tasks": [t.name for t in tasks], "downstream_images": int(dbatch.images.shape[0]),
                   "downstream_texts": int(dbatch.tokens.shape[0]), "precision": "bf16" if cuda else "fp32",
                   "repeats": args.repeats},
-        "plain_step_s": plain_s, "flyt_step_s": flyt_s,
-        "median_plain_step_s": round(med_plain, 4), "median_flyt_step_s": round(med_flyt, 4),
-        "ratio_flyt_over_plain": round(med_flyt / med_plain, 3),
-        "median_pairwise_ratio": round(statistics.median(f / q for f, q in zip(flyt_s, plain_s)), 3),
-        "flyt_phase_mean_s": per_phase,  # from separate steps with a sync around each phase
+        "plain_step_s": plain_s, "median_plain_step_s": round(med_plain, 4), "jvp": by_mode,
     }
     print(f"{args.arch} on {device}: upstream batch {args.batch}, downstream {dbatch.images.shape[0]} images + "
           f"{dbatch.tokens.shape[0]} texts ({len(tasks)} tasks)")
-    print(f"  plain CLIP step  median {med_plain:8.4f} s")
-    print(f"  FLYT step        median {med_flyt:8.4f} s   ratio {med_flyt / med_plain:.2f}x "
-          f"(median of per-pair ratios {result['median_pairwise_ratio']:.2f}x)")
-    print("  FLYT phases (mean s): " + ", ".join(f"{k} {v}" for k, v in per_phase.items()))
+    print(f"  plain CLIP step         median {med_plain:8.4f} s")
+    for m, r in by_mode.items():
+        print(f"  FLYT step, jvp {m:8s} median {r['median_flyt_step_s']:8.4f} s   ratio {r['ratio_flyt_over_plain']:.2f}x "
+              f"(median of per-round ratios {r['median_pairwise_ratio']:.2f}x)")
+        print("    phases (mean s): " + ", ".join(f"{k} {v}" for k, v in r["flyt_phase_mean_s"].items()))
     if load is not None:
         print(f"  1-min load average {load:.1f} on {os.cpu_count()} cores (other work shares them: compare the ratio)")
     return result

@@ -16,7 +16,9 @@ Cases (--cases):
     world     --world's pool shards with --preset (gpu: world-rn-s64, batch 1024, 64 px) and --modes
     datacomp  DataComp-like shards (256-512 px JPEGs, benchmarks/pipeline.py's writer), preset gpu_datacomp
               (ViT-B-32, 224 px, batch 1024), stream-cpu and stream-device
-    tiny      the compare scale (preset tiny: world-rn-s, batch 128) on --world's shards: memory, memory+graphs
+    tiny      the demo's compare scale (preset tiny: world-rn-s, batch 128) on --world's shards: memory,
+              memory+graphs
+    bench     `compare -p gpu`'s scale (preset bench: world-rn-s, batch 512), likewise
 
 Runs are interleaved (ceiling, mode, mode, ceiling, ...) so a machine shared with other jobs slows
 them alike; figures are medians over repeats. Per mode:
@@ -25,7 +27,7 @@ them alike; figures are medians over repeats. Per mode:
                 first batch and compilation excluded) / ceiling samples/s
     end_to_end  samples / (data loading + training) / ceiling            (decode cost and start-up included)
 
-and, where a mode misses its goal (issue 23: 0.9 for world and datacomp, 0.8 for tiny), a breakdown
+and, where a mode misses its goal (issue 23: 0.9 for world and datacomp, 0.8 for tiny and bench), a breakdown
 of where the time goes: data wait (the step waiting for its batch), GPU busy (CUDA events around
 each step / loop time), the decode thread's time a batch, the ceiling's step time.
 
@@ -66,7 +68,8 @@ from clipsift.training.models import image_size  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "train.json"
-GOALS = {"world": 0.9, "datacomp": 0.9, "tiny": 0.8}
+GOALS = {"world": 0.9, "datacomp": 0.9, "tiny": 0.8, "bench": 0.8}
+SMALL = ("tiny", "bench")  # compare-scale cases: the world's shards, memory mode, twice the steps
 MODE_OVERRIDES = {"memory": ["data.mode=memory"], "stream": ["data.mode=stream"],
                   "stream-cpu": ["data.mode=stream", "data.image_decode=cpu"],
                   "stream-device": ["data.mode=stream", "data.image_decode=device"],
@@ -214,14 +217,14 @@ def make_world(out: Path, pool: int, per_shard: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default="world", help="comma-separated: world, datacomp, tiny")
+    p.add_argument("--cases", default="world", help="comma-separated: world, datacomp, tiny, bench")
     p.add_argument("--world", help="a generated world (its pool shards are the world and tiny cases' data)")
     p.add_argument("--make-world", action="store_true", help="generate --world first if it is missing")
     p.add_argument("--preset", default="tiny", help="the world case's configs/train preset")
     p.add_argument("--modes", default="memory,stream", help="the world case's modes (see above)")
     p.add_argument("--datacomp-like", type=int, default=0, metavar="N", help="DataComp-like samples (default 24000)")
     p.add_argument("--data", help="folder of the DataComp-like shards (written once, then reused)")
-    p.add_argument("--steps", type=int, default=150, help="steps a run (the tiny case runs 2x)")
+    p.add_argument("--steps", type=int, default=150, help="steps a run (the tiny and bench cases run 2x)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="few steps, one repeat, less data, no +graphs modes")
     p.add_argument("--out", default=str(RESULTS))
@@ -233,16 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     sources: dict[str, tuple[str, Path, list[str]]] = {}  # case -> (preset, shards, modes)
-    if {"world", "tiny"} & set(cases):
+    if {"world", *SMALL} & set(cases):
         if not args.world:
-            p.error("the world and tiny cases need --world")
+            p.error("the world, tiny and bench cases need --world")
         if args.make_world:
             make_world(Path(args.world), *((30_000, 2_000) if args.quick else (96_000, 4_000)))
         shards_dir = Path(args.world) / "pool" / "shards"
         if "world" in cases:
             sources["world"] = (args.preset, shards_dir, args.modes.split(","))
-        if "tiny" in cases:
-            sources["tiny"] = ("tiny", shards_dir, ["memory"] if args.quick else ["memory", "memory+graphs"])
+        for case in SMALL:
+            if case in cases:
+                sources[case] = (case, shards_dir, ["memory"] if args.quick else ["memory", "memory+graphs"])
     if "datacomp" in cases:
         n = args.datacomp_like or (7_500 if args.quick else 24_000)
         per_shard = 500 if args.quick else 1_000
@@ -259,13 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
         for case, (preset, shards_dir, modes) in sources.items():
-            steps = args.steps * (2 if case == "tiny" else 1)
+            steps = args.steps * (2 if case in SMALL else 1)
             base = [f"data.shards={shards_dir}", "progress=false", "checkpoint_every=1000000",
                     f"log_every={max(steps // 10, 1)}",
                     # a 1024-sample buffer: DataComp-sized workers start in seconds, not a minute
                     *(["data.shuffle_buffer=1024"] if case == "datacomp" else []),
-                    # tiny's 2 workers would take most of the case decoding its memory-mode pool
-                    *([f"data.workers={max(1, (os.cpu_count() or 2) - 1)}"] if case == "tiny" else []),
+                    # the presets' 2 workers would take most of the case decoding its memory-mode pool
+                    *([f"data.workers={max(1, (os.cpu_count() or 2) - 1)}"] if case in SMALL else []),
                     *args.overrides]
             # One thread count for every run (the default adapts to the machine at that moment).
             threads = config.load(TrainConfig, config.preset_path("train", preset), base).threads or default_threads()

@@ -12,6 +12,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 
 import clipsift.training  # noqa: F401  (registers world-rn-s)
 from clipsift import shards
@@ -20,9 +21,9 @@ from clipsift.training.data import decode_image, normalize, tokenizer
 from clipsift.training.flyt import data as fdata
 from clipsift.training.flyt.adamw import (AdamWHyper, AdamWState, _jacobian_lists, adamw_jacobian_product, adamw_step,
                                           adamw_update, decayed_names)
-from clipsift.training.flyt.hypergrad import (FunctionalCLIP, brute_force_objective, hypergradient_step,
+from clipsift.training.flyt.hypergrad import (JVP_MODES, FunctionalCLIP, brute_force_objective, hypergradient_step,
                                               scorer_backward)
-from clipsift.training.flyt.losses import clip_loss, weighted_clip_loss, zeroshot_loss
+from clipsift.training.flyt.losses import clip_loss, weighted_clip_loss, weighted_clip_loss_jvp_grad, zeroshot_loss
 from clipsift.training.flyt.scorer import GLUScorer, LinearMixer, standardisation
 
 
@@ -192,7 +193,8 @@ def tiny_setup(ci_world, request):
     return model, normalize(images, mean, std), tokens, down
 
 
-def _check_against_brute_force(tiny_setup, dtype, rtol, atol, sgd=False, up_loss=weighted_clip_loss):
+def _check_against_brute_force(tiny_setup, dtype, rtol, atol, sgd=False, up_loss=weighted_clip_loss,
+                               jvp_mode="backward"):
     model, images, tokens, down = tiny_setup
     model = model.to(dtype)
     images, down = images.to(dtype), fdata.DownBatch(down.images.to(dtype), down.tokens, down.parts)
@@ -216,7 +218,7 @@ def _check_against_brute_force(tiny_setup, dtype, rtol, atol, sgd=False, up_loss
 
     scores = scorer(psi)
     res = hypergradient_step(fm, params, state, hp, decay, images, tokens, torch.softmax(scores.detach(), 0),
-                             down_loss, [rho], project, up_loss=up_loss)
+                             down_loss, [rho], project, up_loss=up_loss, jvp_mode=jvp_mode)
     scorer.zero_grad()
     scorer_backward(scores, res.d)
     efficient = [p.grad.clone() for p in scorer.parameters()] + [res.extra_grads[0]]
@@ -238,12 +240,29 @@ def _check_against_brute_force(tiny_setup, dtype, rtol, atol, sgd=False, up_loss
     assert float(down_loss(res.params).detach()) == pytest.approx(float(res.down_loss), rel=1e-6)
 
 
-def test_efficient_hypergradient_equals_autograd_through_the_unrolled_step_float64(tiny_setup):
-    _check_against_brute_force(tiny_setup, torch.float64, rtol=1e-9, atol=1e-9)
+@pytest.mark.parametrize("jvp_mode", JVP_MODES)
+def test_efficient_hypergradient_equals_autograd_through_the_unrolled_step_float64(tiny_setup, jvp_mode):
+    _check_against_brute_force(tiny_setup, torch.float64, rtol=1e-9, atol=1e-9, jvp_mode=jvp_mode)
 
 
-def test_efficient_hypergradient_equals_autograd_through_the_unrolled_step_float32(tiny_setup):
-    _check_against_brute_force(tiny_setup, torch.float32, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("jvp_mode", JVP_MODES)
+def test_efficient_hypergradient_equals_autograd_through_the_unrolled_step_float32(tiny_setup, jvp_mode):
+    _check_against_brute_force(tiny_setup, torch.float32, rtol=1e-4, atol=1e-4, jvp_mode=jvp_mode)
+
+
+def test_closed_form_d_equals_torch_func_including_underflowed_weights():
+    """The FLYT step's d for weighted_clip_loss in closed form = torch.func.grad of the jvp (the
+    generic path the diagnostics' loss variants take), also where a weight underflows."""
+    g = torch.Generator().manual_seed(5)
+    u, t, du, dt = (torch.randn(10, 6, generator=g, dtype=torch.float64) for _ in range(4))
+    u, t = F.normalize(u, dim=1), F.normalize(t, dim=1)
+    tau, dtau = torch.tensor(12.0, dtype=torch.float64), torch.tensor(-0.4, dtype=torch.float64)
+    for w in (torch.softmax(2 * torch.randn(10, generator=g, dtype=torch.float64), 0),
+              torch.tensor([0.5, 0.5] + [0.0] * 8, dtype=torch.float64)):
+        generic = torch.func.grad(lambda w_: torch.func.jvp(lambda a, b, c: weighted_clip_loss(a, b, c, w_),
+                                                            (u, t, tau), (du, dt, dtau))[1])(w)
+        closed = weighted_clip_loss_jvp_grad(u, t, tau, w, du, dt, dtau)
+        torch.testing.assert_close(closed, generic, rtol=1e-10, atol=1e-10 * float(generic.abs().max()))
 
 
 @pytest.mark.parametrize("sgd, weighted_negatives", [(True, True), (False, False)])

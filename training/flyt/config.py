@@ -71,6 +71,10 @@ class LoopConfig:
     # Execution: these do not change what is learned (up to floating point).
     device: str = "auto"  # auto: cuda when available, else cpu
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
+    # how the hypergradient's JVP of the embeddings is taken (training/flyt/hypergrad.py): backward
+    # differentiates the upstream backward, forward runs forward-mode AD; the same values.
+    # auto: forward on cuda, backward on cpu (the faster on each, benchmarks/flyt.py)
+    jvp: Literal["auto", "backward", "forward"] = "auto"
     threads: Count | None = None  # torch CPU threads per process (None: cores / local processes)
     workers: Natural = 0  # DataLoader processes decoding the pool shards at start-up
     decode_cache: str = ""  # a folder keeping the pool decoded (training DataConfig.decode_cache)
@@ -138,4 +142,4 @@ class MFlytConfig(LoopConfig):
 
 # Keys that may differ between a run and its resumption (they do not change the result).
 RESUME_FREE_KEYS = frozenset({"out", "resume", "stop_after_steps", "checkpoint_every", "log_every", "progress",
-                              "threads", "device", "workers", "decode_cache", "score_pool", "noise_auc"})
+                              "threads", "device", "workers", "decode_cache", "score_pool", "noise_auc", "jvp"})

@@ -11,10 +11,12 @@ By the chain rule dJ/dw = (∂θ'/∂g · ∂g/∂w)ᵀ ∇θ' L_down, computed 
      closed form. Also gives ∂J/∂ρ of the downstream head.
   3. d = dJ/dw = ∂/∂w ⟨∇θ L_up(θ; w), v⟩. L_up depends on θ only through the batch embeddings
      E = (u, t, τ) = f_θ(x), so ⟨∇θ L_up, v⟩ = ⟨∇_E L_up(E; w), Ė⟩ with Ė = J_θ f · v, the JVP of
-     the embeddings along v, taken from pass 1's graph (the transpose of its backward, which
-     reuses the saved activations: `upstream_gradient`, linearize). What is left is a mixed
-     second derivative of a function of a few [B, D] tensors, taken with torch.func at
-     embedding level.
+     the embeddings along v, taken one of two ways (`upstream_gradient`'s jvp, same values):
+     "backward" differentiates pass 1's backward (its transpose, reusing the saved activations);
+     "forward" runs the model once more in forward-mode AD, so pass 1 keeps the fast kernels and
+     needs no graph of its backward. What is left is a mixed second derivative of a function of
+     a few [B, D] tensors at embedding level: in closed form for weighted_clip_loss
+     (losses.weighted_clip_loss_jvp_grad), with torch.func for any other upstream loss.
   Then ∇φ J = VJP of w = softmax(q_φ(Ψ)) with d (left to the caller: `scorer_backward`).
 
 `brute_force_objective` builds J with create_graph=True through the unrolled update instead;
@@ -44,9 +46,10 @@ from torch.overrides import TorchFunctionMode
 
 from clipsift.training.flyt.adamw import (AdamWHyper, AdamWState, Params, adamw_jacobian_product, adamw_step,
                                           adamw_update)
-from clipsift.training.flyt.losses import weighted_clip_loss
+from clipsift.training.flyt.losses import weighted_clip_loss, weighted_clip_loss_jvp_grad
 
 Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (images [B,D], texts [B,D], τ scalar)
+JVP_MODES = ("backward", "forward")  # how the embeddings' JVP is taken (module docstring, pass 3)
 
 
 class FunctionalCLIP:
@@ -165,29 +168,48 @@ class _AffineBatchNorm(TorchFunctionMode):
 class Upstream:
     g: list[torch.Tensor]  # ∇θ L_up summed over ranks, in params order, detached
     loss: torch.Tensor  # L_up(θ; w), 0-dim, detached
-    embeddings: Embeddings | None  # the global batch's (u, t, τ), detached (with linearize)
-    tangent: Callable[[list[torch.Tensor]], Embeddings] | None  # v -> this rank's Ė = J_θ f · v (with linearize)
+    embeddings: Embeddings | None  # the global batch's (u, t, τ), detached (with jvp)
+    tangent: Callable[[list[torch.Tensor]], Embeddings] | None  # v -> this rank's Ė = J_θ f · v (with jvp)
+
+
+@contextlib.contextmanager
+def _twice_differentiable():
+    """The model's forward in the form both JVPs can differentiate: attention through the math
+    SDPA kernel (the fused kernels have neither double backward nor forward-mode AD), without
+    nn.MultiheadAttention's inference fast path (no forward-mode AD either), and BatchNorm with
+    running statistics as its affine map (_AffineBatchNorm)."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH), _AffineBatchNorm():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 def upstream_gradient(fmodel: FunctionalCLIP, params: Params, images: torch.Tensor, tokens: torch.Tensor,
                       w: torch.Tensor, comm: Comm = LOCAL,
-                      amp: Callable[[], ContextManager] = contextlib.nullcontext, linearize: bool = False,
+                      amp: Callable[[], ContextManager] = contextlib.nullcontext, jvp_mode: str | None = None,
                       up_loss: UpLoss = weighted_clip_loss) -> Upstream:
     """g = ∇θ L_up(θ; w) from one forward + backward of the reference model.
 
-    linearize: also return `tangent`, the JVP of this rank's embeddings along any v, which reuses
-    this pass instead of running the model again. The backward from the embeddings E to θ is
-    g = J_θ fᵀ · G with G = ∇_E L_up; it is linear in G, so running it with create_graph and
-    differentiating g in G along v gives J_θ f · v: the transpose of a transpose, which only
-    walks the backward's G-chain with the forward's saved activations (about one tangent
-    propagation, where forward-mode AD would recompute the primal forward as well). The graph
-    is kept until `tangent` is called once. Attention takes the math SDPA kernel here, the one
-    that is twice differentiable, and BatchNorm its affine form (_AffineBatchNorm).
+    jvp_mode: also return `tangent`, the JVP of this rank's embeddings along any v (None: g only).
+    "backward": the backward from the embeddings E to θ is g = J_θ fᵀ · G with G = ∇_E L_up; it is
+    linear in G, so running it with create_graph and differentiating g in G along v gives
+    J_θ f · v: the transpose of a transpose, which walks the backward's G-chain with the forward's
+    saved activations instead of running the model again. The graph is kept until `tangent` is
+    called once; this pass then takes the math attention kernel (_twice_differentiable).
+    "forward": this pass is a plain one (fused attention, no graph kept) and `tangent` runs the
+    model again in forward-mode AD (torch.func.jvp), the primal and its tangent together: one
+    more forward's worth of work, which on a GPU costs less than differentiating a backward.
     """
+    if jvp_mode not in (None, *JVP_MODES):
+        raise ValueError(f"jvp_mode must be one of {JVP_MODES} or None, not {jvp_mode!r}")
+    linearize = jvp_mode == "backward"
     theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     leaves = list(theta.values())
-    with sdpa_kernel(SDPBackend.MATH) if linearize else contextlib.nullcontext():
-        with amp(), _AffineBatchNorm() if linearize else contextlib.nullcontext():
+    with _twice_differentiable() if linearize else contextlib.nullcontext():
+        with amp():
             u_l, t_l, tau = fmodel(theta, images, tokens)
         u_l, t_l, tau = _full(u_l), _full(t_l), _full(tau)
         u, t = comm.gather(u_l, keep_grad=True), comm.gather(t_l, keep_grad=True)
@@ -205,14 +227,23 @@ def upstream_gradient(fmodel: FunctionalCLIP, params: Params, images: torch.Tens
     if comm.distributed and linearize:
         g = [x.clone() for x in g]  # the all-reduce must not write into the graph's tensors
     comm.sum_(g)
-    if not linearize:
+    if jvp_mode is None:
         return Upstream(g, up.detach(), None, None)
+    embeddings = (u.detach(), t.detach(), tau.detach())
+    del u_l, t_l, u, t, theta, leaves  # "forward" keeps no graph: its activations go now
 
-    def tangent(v: list[torch.Tensor]) -> Embeddings:
+    def tangent_backward(v: list[torch.Tensor]) -> Embeddings:
         du, dt, dtau = torch.autograd.grad([g_graph[i] for i in used], cot, [v[i] for i in used], allow_unused=True)
         return tuple(torch.zeros_like(c) if d is None else d for d, c in zip((du, dt, dtau), cot))
 
-    return Upstream(g, up.detach(), (u.detach(), t.detach(), tau.detach()), tangent)
+    def tangent_forward(v: list[torch.Tensor]) -> Embeddings:
+        primal = {k: x.detach() for k, x in params.items()}
+        along = dict(zip(params, v))
+        with _twice_differentiable(), amp():
+            out = jvp(lambda p: fmodel(p, images, tokens), (primal,), (along,))[1]
+        return tuple(_full(x) for x in out)
+
+    return Upstream(g, up.detach(), embeddings, tangent_backward if linearize else tangent_forward)
 
 
 def warm_moments(fmodel: FunctionalCLIP, params: Params, state: AdamWState, hp: AdamWHyper,
@@ -237,7 +268,8 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
                        down_loss: DownLoss, down_params: list[torch.Tensor] = (), project: Project | None = None,
                        comm: Comm = LOCAL, amp: Callable[[], ContextManager] = contextlib.nullcontext,
                        timer: Callable[[str], ContextManager] | None = None,
-                       up_loss: UpLoss = weighted_clip_loss, tangent_names: frozenset[str] | None = None) -> StepResult:
+                       up_loss: UpLoss = weighted_clip_loss, tangent_names: frozenset[str] | None = None,
+                       jvp_mode: str = "backward") -> StepResult:
     """One FLYT step for the reference model: θ' and dJ/dw (see the module docstring).
 
     params: θ (detached); images/tokens: this rank's rows of the upstream batch; w: weights of the
@@ -247,6 +279,8 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
     (runlog.Timer), for the phases up_grad, down_grad, jvp, d. For diagnostics: up_loss, the
     upstream loss (a variant of weighted_clip_loss); tangent_names, the parameters whose part of v
     enters the JVP (d is linear in v, so the parts of a partition of θ sum to the whole d).
+    jvp_mode: how the embeddings' JVP is taken ("backward" or "forward", upstream_gradient; the
+    same d up to rounding, different speed).
     """
     names = list(params)
     w = w.detach()
@@ -254,7 +288,7 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
 
     # 1. g = ∇θ L_up(θ; w), summed over ranks.
     with phase("up_grad"):
-        upstream = upstream_gradient(fmodel, params, images, tokens, w, comm, amp, linearize=True, up_loss=up_loss)
+        upstream = upstream_gradient(fmodel, params, images, tokens, w, comm, amp, jvp_mode, up_loss)
         g, up = upstream.g, upstream.loss
 
     # 2. v = ∂ L_down(AdamW(θ, g)) / ∂g (averaged over ranks), and ∂J/∂ρ. The update is element-wise,
@@ -274,8 +308,8 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
         if project is not None:
             new_params = project(new_params)
 
-    # 3. Ė = J_θ f · v through the upstream pass's linearisation (upstream_gradient), then
-    #    d = ∂/∂w ⟨∇_E L_up(E; w), Ė⟩ at embedding level.
+    # 3. Ė = J_θ f · v (upstream_gradient's tangent), then d = ∂/∂w ⟨∇_E L_up(E; w), Ė⟩ at
+    #    embedding level.
     with phase("jvp"):
         along = [v[k] if tangent_names is None or k in tangent_names else torch.zeros_like(v[k]) for k in names]
         du, dt, dtau = upstream.tangent(along)
@@ -286,7 +320,10 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
         return jvp(lambda a, b, c: up_loss(a, b, c, w_), (u, t, tau), (du, dt, dtau))[1]
 
     with phase("d"):
-        d = torch.func.grad(directional)(w)
+        if up_loss is weighted_clip_loss:  # a few [B, B] ops instead of torch.func's nested transforms
+            d = weighted_clip_loss_jvp_grad(u, t, tau, w, du, dt, dtau)
+        else:
+            d = torch.func.grad(directional)(w)
 
     new_state = AdamWState({k: x.detach() for k, x in exp_avg.items()},
                            {k: x.detach() for k, x in exp_avg_sq.items()}, state.step + 1)

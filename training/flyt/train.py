@@ -214,6 +214,7 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     amp: Callable[[], Any] = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
                               else contextlib.nullcontext)
+    jvp_mode = _jvp_mode(cfg, device)
     rows_local = comm.local_rows(cfg.batch_size)
     hyper = lambda lr: AdamWHyper(lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.reference.wd)  # noqa: E731
     if state is None and cfg.reference.moment_warmup:
@@ -277,7 +278,7 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
                     return fdata.downstream_loss(lambda x, t: fmodel(p, x, t), dbatch, rho, cfg.downstream.loss)
 
                 res = hypergradient_step(fmodel, params, ref_state, hyper(lr_ref), decay_names, images, tokens, w,
-                                         down_loss, [rho], project, comm, amp, timer)
+                                         down_loss, [rho], project, comm, amp, timer, jvp_mode=jvp_mode)
                 opt.zero_grad(set_to_none=True)
                 scorer_backward(scores, res.d, comm)
                 rho.grad = res.extra_grads[0].to(rho.dtype)
@@ -441,12 +442,17 @@ def _write_scores(path: Path, uids: list[str], scores: np.ndarray, column: str) 
         pq.write_table(table, tmp)
 
 
+def _jvp_mode(cfg: LoopConfig, device: torch.device) -> str:
+    return cfg.jvp if cfg.jvp != "auto" else ("forward" if device.type == "cuda" else "backward")
+
+
 def _stats(cfg, setup, pool, task_data, step, start, device, comm, bf16, timer, prior_seconds, rows, out):
     train_s = timer.seconds.get("train", 0.0)
     return {
         "done": step >= cfg.steps, "kind": setup.kind, "steps": step, "steps_total": cfg.steps,
         "resumed_at_step": start or None, "batch_size": cfg.batch_size, "device": str(device),
         "world_size": comm.world_size, "precision": "bf16" if bf16 else "fp32",
+        "jvp": _jvp_mode(cfg, device),
         "pool": pool.stats(), "features": {"inputs": setup.inputs, "rows": len(setup.features.uids)},
         "downstream": {t.name: {"kind": t.kind, "examples": int(t.images.shape[0]), "records": t.counts}
                        for t in task_data},
