@@ -97,7 +97,7 @@ def bench(world: Path, args) -> dict:
     tokens = pool.tokens[idx].long().to(device)
     tasks = [t for t in load_tasks(world / "tasks.yaml") if t.name in args.tasks]
     down = fdata.DownstreamBatches([fdata.load_task(t, "train", ref.preprocess, ref.tokenizer) for t in tasks],
-                                   args.down_batch, 0)
+                                   args.down_batch, 0, used_prompts_only=True)  # as training with the default clip loss
     dbatch = down.batch(0).to(device)
 
     def sync() -> None:

@@ -251,7 +251,8 @@ def measure(inputs: list[str], args) -> dict:
             c = copy.deepcopy(cfg)
             c.downstream.loss = loss
             task_data, _ = ftrain.load_downstream(c, ref)
-            downs[loss] = fdata.DownstreamBatches(task_data, cfg.downstream.batch_size, cfg.seed)
+            downs[loss] = fdata.DownstreamBatches(task_data, cfg.downstream.batch_size, cfg.seed,
+                                                  used_prompts_only=loss in fdata.CLIP_LOSSES)
         return downs[loss]
 
     print(f"{cfg.world}: reference {cfg.reference.arch} ({cfg.reference.pretrained}) on {device}, "

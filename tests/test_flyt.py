@@ -97,6 +97,26 @@ def test_downstream_clip_losses_one_over_all_tasks_or_one_per_task():
     assert float(joint) != pytest.approx(float(per_task), rel=1e-3)
 
 
+def test_used_prompts_only_encodes_fewer_texts_and_gives_the_same_clip_losses(ci_world):
+    """The CLIP-loss variants see only the prompts of classes in the batch: a batch that keeps just
+    those (relabelled) gives the same losses through a real model, with fewer texts to encode."""
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("world-rn-s")
+    model.eval()
+    tok = open_clip.get_tokenizer("world-rn-s")
+    tasks = {t.name: t for t in load_tasks(ci_world / "tasks.yaml")}
+    task_data = [fdata.load_task(tasks[n], "train", preprocess, tok) for n in ("shapes", "colour_shape", "retrieval")]
+    full, compact = (fdata.DownstreamBatches(task_data, 6, seed=0, used_prompts_only=u).batch(step=2) for u in (False, True))
+    assert compact.tokens.shape[0] < full.tokens.shape[0]
+    assert torch.equal(compact.images, full.images)
+    rho = torch.tensor(2.5)
+    embed = lambda x, t: model(x, t)[:3]  # noqa: E731
+    with torch.no_grad():
+        for loss in fdata.CLIP_LOSSES:
+            assert float(fdata.downstream_loss(embed, compact, rho, loss)) == pytest.approx(
+                float(fdata.downstream_loss(embed, full, rho, loss)), rel=1e-5)
+
+
 # ---------------------------------------------------------------- AdamW
 def test_functional_adamw_matches_torch_adamw_over_several_steps():
     torch.manual_seed(0)

@@ -190,15 +190,23 @@ def load_task(task, split: str, transform: Callable, tokenize: Callable) -> Task
     return data
 
 
+CLIP_LOSSES = ("clip", "clip_per_task")  # downstream losses over image-prompt pairs (no full classifier)
+
+
 class DownstreamBatches:
     """Per step and task: a random batch of training examples and, for classification, one random
     template per class (FLYT's downstream loss). Every rank draws the same global batch and keeps
-    its slice of each task's examples (the classifier prompts are the same on every rank)."""
+    its slice of each task's examples (the classifier prompts are the same on every rank).
 
-    def __init__(self, tasks: list[TaskData], batch_size: int, seed: int):
+    used_prompts_only: keep only the prompts of classes this rank's examples carry (labels point
+    into them). The CLIP-loss variants use nothing else, so the values are the same and the
+    model encodes fewer texts; the cross-entropy needs every class (the default keeps them all)."""
+
+    def __init__(self, tasks: list[TaskData], batch_size: int, seed: int, used_prompts_only: bool = False):
         if not tasks:
             raise ValueError("no downstream task selected")
         self.tasks, self.batch_size, self.seed = tasks, batch_size, seed
+        self.used_prompts_only = used_prompts_only
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> DownBatch:
         images, tokens, parts = [], [], []
@@ -216,6 +224,9 @@ class DownstreamBatches:
                 chosen = rng.integers(task.prompts.shape[0], size=task.prompts.shape[1])
                 text = task.prompts[chosen, torch.arange(task.prompts.shape[1])]
                 labels = task.labels[idx]
+                if self.used_prompts_only:
+                    used, labels = torch.unique(labels, return_inverse=True)
+                    text = text[used]
             else:
                 text = torch.stack([task.captions[i][rng.integers(task.captions[i].shape[0])] for i in idx])
                 labels = None
@@ -241,7 +252,7 @@ def downstream_loss(embed: Callable, batch: DownBatch, rho: torch.Tensor, loss: 
 
     u, t, tau = embed(batch.images, batch.tokens)
     u, t, tau, rho = u.float(), t.float(), tau.float(), rho.float()
-    if loss in ("clip", "clip_per_task"):
+    if loss in CLIP_LOSSES:
         texts = [t[txt] if labels is None else t[txt][labels] for _, _, txt, labels in batch.parts]
         images = [u[img] for _, img, _, _ in batch.parts]
         if loss == "clip_per_task":

@@ -189,7 +189,8 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
                                  workers=cfg.workers, progress=cfg.progress and comm.rank == 0, cache=cfg.decode_cache)
     with timer("load_tasks"):
         task_data, left_out = load_downstream(cfg, ref)
-        down = fdata.DownstreamBatches(task_data, cfg.downstream.batch_size, cfg.seed)
+        down = fdata.DownstreamBatches(task_data, cfg.downstream.batch_size, cfg.seed,
+                                       used_prompts_only=cfg.downstream.loss in fdata.CLIP_LOSSES)
     mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=device)
     std = torch.tensor(model.visual.preprocess_cfg["std"], device=device)
 
