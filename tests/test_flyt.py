@@ -270,6 +270,21 @@ def test_efficient_hypergradient_equals_autograd_through_the_unrolled_step_float
     _check_against_brute_force(tiny_setup, torch.float32, rtol=1e-4, atol=1e-4, jvp_mode=jvp_mode)
 
 
+def test_jvp_auto_takes_forward_mode_only_for_a_vit_on_a_gpu():
+    """jvp=auto follows the measured speeds: forward-mode for a ViT image tower on CUDA, the
+    backward's transpose for a ResNet there and for everything on a CPU; explicit modes stay."""
+    from clipsift.training.flyt.config import LoopConfig
+    from clipsift.training.flyt.train import _jvp_mode
+
+    vit, rn = (open_clip.create_model(a) for a in ("world-vit-t", "world-rn-s"))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on them
+    auto = LoopConfig()
+    assert (_jvp_mode(auto, cuda, vit), _jvp_mode(auto, cuda, rn), _jvp_mode(auto, cpu, vit)) == \
+        ("forward", "backward", "backward")
+    assert _jvp_mode(LoopConfig(jvp="forward"), cpu, rn) == "forward"
+    assert _jvp_mode(LoopConfig(jvp="backward"), cuda, vit) == "backward"
+
+
 def test_closed_form_d_equals_torch_func_including_underflowed_weights():
     """The FLYT step's d for weighted_clip_loss in closed form = torch.func.grad of the jvp (the
     generic path the diagnostics' loss variants take), also where a weight underflows."""

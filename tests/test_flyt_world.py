@@ -82,6 +82,7 @@ def test_flyt_run_writes_scores_and_stats(flyt_run, inputs):
     assert np.isfinite(losses).all() and len(losses) == 12
     for key in ("load_pool", "train", "moment_warmup", "up_grad", "down_grad", "jvp", "d", "score_pool"):
         assert stats["timings"][key] > 0, key
+    assert stats["jvp"] == "backward"  # auto on a CPU
     # One score per metadata row, same uids in the same order, and a ranking (uniform init: all equal).
     uids, scores = scores_table(flyt_run / "scores", "flyt_score")
     meta_uids, _ = scores_table(inputs["metadata"], "clip_b32_similarity_score")

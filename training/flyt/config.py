@@ -73,7 +73,7 @@ class LoopConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
     # how the hypergradient's JVP of the embeddings is taken (training/flyt/hypergrad.py): backward
     # differentiates the upstream backward, forward runs forward-mode AD; the same values.
-    # auto: forward on cuda, backward on cpu (the faster on each, benchmarks/flyt.py)
+    # auto: forward for a ViT reference on cuda, else backward (the faster, measured: benchmarks/flyt.py)
     jvp: Literal["auto", "backward", "forward"] = "auto"
     threads: Count | None = None  # torch CPU threads per process (None: cores / local processes)
     workers: Natural = 0  # DataLoader processes decoding the pool shards at start-up

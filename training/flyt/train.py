@@ -215,7 +215,7 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     amp: Callable[[], Any] = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
                               else contextlib.nullcontext)
-    jvp_mode = _jvp_mode(cfg, device)
+    jvp_mode = _jvp_mode(cfg, device, model)
     rows_local = comm.local_rows(cfg.batch_size)
     hyper = lambda lr: AdamWHyper(lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.reference.wd)  # noqa: E731
     if state is None and cfg.reference.moment_warmup:
@@ -325,6 +325,7 @@ def _run(cfg: LoopConfig, run_dir: Path, device: torch.device) -> Path:
     if comm.rank == 0:
         out["noise_auc"] = auc_rows or None
         out["downstream_left_out"] = left_out
+        out["jvp"] = jvp_mode
         write_json(run_dir / "stats.json", _stats(cfg, setup, pool, task_data, step, start, device, comm, bf16,
                                                   timer, prior_seconds, rows, out))
     if comm.distributed:
@@ -443,8 +444,15 @@ def _write_scores(path: Path, uids: list[str], scores: np.ndarray, column: str) 
         pq.write_table(table, tmp)
 
 
-def _jvp_mode(cfg: LoopConfig, device: torch.device) -> str:
-    return cfg.jvp if cfg.jvp != "auto" else ("forward" if device.type == "cuda" else "backward")
+def _jvp_mode(cfg: LoopConfig, device: torch.device, model: torch.nn.Module) -> str:
+    """auto: the faster mode as measured (benchmarks/flyt.py, docs/results/performance.md): forward-mode
+    for a transformer image tower on a GPU (ViT-B-32 3.98x a plain step against 4.47x on an H100),
+    the backward's transpose otherwise (world-rn-s on the H100 4.12x against 5.38x; every CPU case)."""
+    if cfg.jvp != "auto":
+        return cfg.jvp
+    from open_clip.transformer import VisionTransformer
+
+    return "forward" if device.type == "cuda" and isinstance(model.visual, VisionTransformer) else "backward"
 
 
 def _stats(cfg, setup, pool, task_data, step, start, device, comm, bf16, timer, prior_seconds, rows, out):
@@ -453,7 +461,6 @@ def _stats(cfg, setup, pool, task_data, step, start, device, comm, bf16, timer, 
         "done": step >= cfg.steps, "kind": setup.kind, "steps": step, "steps_total": cfg.steps,
         "resumed_at_step": start or None, "batch_size": cfg.batch_size, "device": str(device),
         "world_size": comm.world_size, "precision": "bf16" if bf16 else "fp32",
-        "jvp": _jvp_mode(cfg, device),
         "pool": pool.stats(), "features": {"inputs": setup.inputs, "rows": len(setup.features.uids)},
         "downstream": {t.name: {"kind": t.kind, "examples": int(t.images.shape[0]), "records": t.counts}
                        for t in task_data},
