@@ -46,7 +46,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--jvp", default="backward,forward", help="comma-separated JVP modes to time (hypergrad.JVP_MODES)")
     p.add_argument("--profile", default="", metavar="FILE",
-                   help="also write torch.profiler's table of three FLYT steps (ops by self time) to FILE")
+                   help="also write torch.profiler's table of three FLYT steps (ops by self time, the first --jvp mode) "
+                        "to FILE; under the profiler forward-mode steps keep their inputs alive, so profile few")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "flyt.json"))
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
