@@ -6,6 +6,8 @@ update with create_graph=True, for every scorer parameter and for ρ, in float64
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 
 import numpy as np
@@ -268,6 +270,37 @@ def test_efficient_hypergradient_equals_autograd_through_the_unrolled_step_float
 @pytest.mark.parametrize("jvp_mode", JVP_MODES)
 def test_efficient_hypergradient_equals_autograd_through_the_unrolled_step_float32(tiny_setup, jvp_mode):
     _check_against_brute_force(tiny_setup, torch.float32, rtol=1e-4, atol=1e-4, jvp_mode=jvp_mode)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_jvp_modes_agree_in_fp32_and_under_bf16_autocast(tiny_setup):
+    """On a GPU, as training runs there: both JVP modes give the fp32 hypergradient (up to TF32
+    convolutions) and, under bf16 autocast, a d pointing the same way as the fp32 one (centred:
+    the softmax ignores a shift of every score)."""
+    model, images, tokens, down = tiny_setup
+    dev = torch.device("cuda")
+    model = copy.deepcopy(model).to(dev)
+    images, tokens, down = images.to(dev), tokens.to(dev), down.to(dev)
+    fm = FunctionalCLIP(model)
+    params = fm.params()
+    rho = torch.tensor(math.log(1 / 0.07), device=dev, requires_grad=True)
+    down_loss = lambda p: fdata.downstream_loss(lambda x, tk: fm(p, x, tk), down, rho)  # noqa: E731
+    decay, hp = decayed_names(params), AdamWHyper(1e-3)
+    w = torch.softmax(torch.randn(images.shape[0], generator=torch.Generator().manual_seed(0)), 0).to(dev)
+    first = hypergradient_step(fm, params, AdamWState.zeros_like(params), hp, decay, images, tokens, w, down_loss, [rho])
+    bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+
+    def d(mode, amp=contextlib.nullcontext):
+        x = hypergradient_step(fm, first.params, first.state, hp, decay, images, tokens, w, down_loss, [rho],
+                               amp=amp, jvp_mode=mode).d
+        return x - x.mean()
+
+    ref = d("backward")
+    cos = {f"{m}/{p}": float(F.cosine_similarity(d(m, amp), ref, dim=0))
+           for m in JVP_MODES for p, amp in (("fp32", contextlib.nullcontext), ("bf16", bf16))}
+    print(cos)
+    assert min(cos["backward/fp32"], cos["forward/fp32"]) > 0.999, cos
+    assert min(cos["backward/bf16"], cos["forward/bf16"]) > 0.95, cos
 
 
 def test_jvp_auto_takes_forward_mode_only_for_a_vit_on_a_gpu():
