@@ -186,12 +186,13 @@ def test_mflyt_learns_weights_over_clip_and_flyt_scores(flyt_run, inputs, tmp_pa
 def test_two_gloo_ranks_match_one_process(inputs, tmp_path, jvp):
     """torchrun, 2 CPU ranks: scores gathered for a softmax over the global batch, gradients summed.
     Classification tasks with the cross-entropy loss only: it splits exactly over ranks (a CLIP
-    loss would see each rank's negatives only). The ranks take the JVP either way; the single
-    process the default way (backward on a CPU)."""
+    loss would see each rank's negatives only). Either JVP mode, the same in both runs: the two
+    modes agree to rounding (test_flyt's brute-force checks), but AdamW turns rounding-level
+    differences in near-zero hypergradients into up to one step's move (~lr) of the scorer."""
     short = ["steps=2", "log_every=1", "score_pool=false", "reference.moment_warmup=1", "batch_size=32",
              "downstream.names=[shapes,count]", "downstream.batch_size=16", "downstream.loss=ce"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    assert cli.main(["flyt", *flyt_args(inputs, single, *short)]) == 0
+    assert cli.main(["flyt", *flyt_args(inputs, single, *short, f"jvp={jvp}")]) == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).parent / "torchrun"
     done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "clipsift", "flyt",
@@ -199,7 +200,7 @@ def test_two_gloo_ranks_match_one_process(inputs, tmp_path, jvp):
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     s1, s2 = read_json(single / "stats.json"), read_json(ddp / "stats.json")
-    assert (s1["world_size"], s2["world_size"], s1["jvp"], s2["jvp"]) == (1, 2, "backward", jvp)
+    assert (s1["world_size"], s2["world_size"], s1["jvp"], s2["jvp"]) == (1, 2, jvp, jvp)
     for key in ("up_loss", "down_loss", "ess_fraction"):
         np.testing.assert_allclose([r[key] for r in s2["log"]], [r[key] for r in s1["log"]], rtol=1e-4, err_msg=key)
     a, b = torch.load(single / "scorer.pt", weights_only=True), torch.load(ddp / "scorer.pt", weights_only=True)
