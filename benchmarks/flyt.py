@@ -10,7 +10,9 @@ VJP and AdamW update, once per --jvp mode (how the embeddings' JVP is taken: dif
 upstream backward, or forward-mode AD; training/flyt/hypergrad.py). All on the world's pool images and captions; the downstream batch is
 --down-batch examples from each task's training split. Ψ is random (its values do not change the
 time). The steps alternate (plain, then each FLYT mode; --repeats rounds after one warm-up each);
-each ratio is of medians, and the median of per-round ratios is reported beside it. bf16 autocast and CUDA syncs on
+each ratio is of medians, and the median of per-round ratios is reported beside it. Per step
+kind, the share of its wall time the host spends issuing it (before the device sync): near 1 on a
+GPU means kernel launches bound the step, not the GPU. bf16 autocast and CUDA syncs on
 a GPU. Phase times come from separate steps with a device sync around each phase (so the timed
 steps run as they would in training).
 Without --world a ci world is generated in a temporary folder. Writes benchmarks/results/flyt.json.
@@ -105,12 +107,20 @@ def bench(world: Path, args) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    def once(fn) -> float:
+    host: dict[str, list[float]] = {}  # per step kind: the host's share of the step (see below)
+
+    def once(fn, kind: str) -> float:
+        """The step's wall time, from an idle device to its last kernel's end. Also records how long
+        the host took to issue it: where that is nearly all of the step (a share near 1 on a GPU),
+        kernel launches, not the GPU, bound the step."""
         sync()
         t0 = time.perf_counter()
         fn()
+        issued = time.perf_counter()
         sync()
-        return time.perf_counter() - t0
+        total = time.perf_counter() - t0
+        host.setdefault(kind, []).append((issued - t0) / total)
+        return total
 
     # Plain CLIP step.
     opt = torch.optim.AdamW(param_groups(model, 0.2), lr=5e-5, betas=(0.9, 0.98), eps=1e-6, fused=True)  # as train
@@ -161,9 +171,9 @@ def bench(world: Path, args) -> dict:
         flyt(mode=mode)
     plain_s, flyt_s = [], {m: [] for m in modes}
     for _ in range(args.repeats):  # interleaved, so a machine whose load drifts slows all alike
-        plain_s.append(once(plain))
+        plain_s.append(once(plain, "plain"))
         for mode in modes:
-            flyt_s[mode].append(once(lambda: flyt(mode=mode)))
+            flyt_s[mode].append(once(lambda: flyt(mode=mode), mode))
 
     @contextlib.contextmanager
     def synced(timer: Timer, name: str):
@@ -194,6 +204,7 @@ def bench(world: Path, args) -> dict:
     by_mode = {m: {"flyt_step_s": flyt_s[m], "median_flyt_step_s": round(statistics.median(flyt_s[m]), 4),
                    "ratio_flyt_over_plain": round(statistics.median(flyt_s[m]) / med_plain, 3),
                    "median_pairwise_ratio": round(statistics.median(f / q for f, q in zip(flyt_s[m], plain_s)), 3),
+                   "host_issue_share": round(statistics.median(host[m]), 3),
                    "flyt_phase_mean_s": per_phase[m]}  # from separate steps with a sync around each phase
                for m in modes}
     result = {
@@ -204,15 +215,18 @@ def bench(world: Path, args) -> dict:
                   "tasks": [t.name for t in tasks], "downstream_images": int(dbatch.images.shape[0]),
                   "downstream_texts": int(dbatch.tokens.shape[0]), "precision": "bf16" if cuda else "fp32",
                   "repeats": args.repeats},
-        "plain_step_s": plain_s, "median_plain_step_s": round(med_plain, 4), "jvp": by_mode,
+        "plain_step_s": plain_s, "median_plain_step_s": round(med_plain, 4),
+        "plain_host_issue_share": round(statistics.median(host["plain"]), 3), "jvp": by_mode,
     }
     print(f"{args.arch} on {device}: upstream batch {args.batch}, downstream {dbatch.images.shape[0]} images + "
           f"{dbatch.tokens.shape[0]} texts ({len(tasks)} tasks)")
-    print(f"  plain CLIP step         median {med_plain:8.4f} s")
+    print(f"  plain CLIP step         median {med_plain:8.4f} s   host issues {result['plain_host_issue_share']:.0%} of it")
     for m, r in by_mode.items():
         print(f"  FLYT step, jvp {m:8s} median {r['median_flyt_step_s']:8.4f} s   ratio {r['ratio_flyt_over_plain']:.2f}x "
-              f"(median of per-round ratios {r['median_pairwise_ratio']:.2f}x)")
+              f"(median of per-round ratios {r['median_pairwise_ratio']:.2f}x); host issues {r['host_issue_share']:.0%} of it")
         print("    phases (mean s): " + ", ".join(f"{k} {v}" for k, v in r["flyt_phase_mean_s"].items()))
+    if cuda:
+        print("  (host issuing ~100% of a step: kernel launches bound it, the GPU waits; well below: the GPU bounds it)")
     if load is not None:
         print(f"  1-min load average {load:.1f} on {os.cpu_count()} cores (other work shares them: compare the ratio)")
     return result
