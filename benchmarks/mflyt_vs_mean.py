@@ -1,6 +1,6 @@
 """M-FLYT against the equal-weight mean of its own standardised inputs (no learning), per scorer seed.
 
-    .venv/bin/python benchmarks/mflyt_vs_mean.py runs/compare/tiny [--subsets DIR]
+    .venv/bin/python benchmarks/mflyt_vs_mean.py runs/compare/tiny [--world DIR] [--subsets DIR]
 
 Reads a finished `clipsift compare` folder: the pipeline's metadata (the CLIP scores), the NormSim,
 FLYT and M-FLYT scores of each scorer seed, and the world's ground truth. For each scorer seed it
@@ -36,6 +36,7 @@ def read(pattern: str, columns: list[str]) -> dict[str, np.ndarray]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("compare", type=Path, help="a finished clipsift compare output folder")
+    p.add_argument("--world", type=Path, help="the run's world folder (default: COMPARE/world)")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="scorer seeds")
     p.add_argument("--fraction", type=float, default=0.3)
     p.add_argument("--subsets", type=Path, help="write each seed's equal-weight top fraction here")
@@ -51,7 +52,7 @@ def main() -> None:
         out[[row[u] for u in t["uid"]]] = t[column]
         return out
 
-    truth = read(f"{root}/world/pool/ground_truth/*.parquet", ["uid", "noise"])
+    truth = read(f"{args.world or root / 'world'}/pool/ground_truth/*.parquet", ["uid", "noise"])
     noise = np.full(len(uids), "", dtype=object)
     at = np.array([row.get(u, -1) for u in truth["uid"]])  # the truth also lists rows the pipeline dropped
     noise[at[at >= 0]] = truth["noise"][at >= 0]
