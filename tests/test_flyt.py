@@ -406,6 +406,9 @@ def test_mixer_standardises_inputs_and_treats_missing_as_mean():
     s = mixer(x)
     assert s.tolist() == pytest.approx([-1 - 2 * 10 / math.sqrt(200), 0.0, 1 + 2 * 10 / math.sqrt(200)])
     assert set(mixer.weights()) == {"a", "b", "(bias)"}
+    # equal: the mean of the standardised inputs, missing as the mean
+    s = LinearMixer(["a", "b"], mean, std).equal_()(x)
+    assert s.tolist() == pytest.approx([(-1 - 10 / math.sqrt(200)) / 2, 0.0, (1 + 10 / math.sqrt(200)) / 2])
 
 
 def test_whitened_mixer_decorrelates_its_inputs_and_reports_weights_on_the_standardised_scores(tmp_path):

@@ -125,8 +125,10 @@ class MixerConfig:
     # paper's reach (lr x steps = 5) with lr = 5 / steps: the presets do (configs/mflyt/*.yaml)
     lr: Positive = 1e-3
     # random: PyTorch's default nn.Linear init, as the paper. zero: every example starts with the same
-    # score (nothing ranked by chance), for runs too short to move away from a random start
-    init: Literal["random", "zero"] = "random"
+    # score (nothing ranked by chance), for runs too short to move away from a random start. equal
+    # (an ablation): the mean of the standardised inputs, the untrained ensemble
+    # (benchmarks/mflyt_vs_mean.py; docs/results/flyt-ablations.md)
+    init: Literal["random", "zero", "equal"] = "random"
     wd: NonNegative = 0.2  # on the weights, not the bias: the paper trains the mixer with its scorer AdamW
     # standardised: each input score to mean 0, std 1 (the paper). whitened (an ablation): then
     # decorrelated (ZCA), so AdamW, which moves every weight about lr a step, moves each independent

@@ -121,6 +121,14 @@ class LinearMixer(nn.Module):
         nn.init.zeros_(self.linear.bias)
         return self
 
+    @torch.no_grad()
+    def equal_(self) -> "LinearMixer":
+        """Start as the mean of the standardised inputs (each weight 1/k, no bias): the untrained
+        ensemble of the input scores, which the objective then refines."""
+        nn.init.constant_(self.linear.weight, 1.0 / len(self.columns))
+        nn.init.zeros_(self.linear.bias)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = torch.nan_to_num((x - self.mean) / self.std, nan=0.0)
         if self.whiten is not None:

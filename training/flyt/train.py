@@ -119,6 +119,8 @@ def setup_scorer(cfg: LoopConfig) -> ScorerSetup:
         mixer = LinearMixer(mc.columns, mean, std, whiten)
         if mc.init == "zero":
             mixer.zero_()
+        elif mc.init == "equal":
+            mixer.equal_()
         return ScorerSetup("mflyt", mixer, feats, list(mc.columns), mc.lr, mc.wd)
     raise TypeError(f"not a FLYT config: {type(cfg).__name__}")
 
