@@ -24,8 +24,10 @@ SEEDED_SCORES = {"flyt_score": "flyt", "mflyt_score": "mflyt"}
 
 
 def filter_columns(spec: FilterSpec) -> set[str]:
-    """Every string argument of a filter tree: the score columns it reads are among them."""
+    """Every string argument of a filter tree (lists of strings included): the score columns it
+    reads are among them."""
     mine = {v for v in spec.args.values() if isinstance(v, str)}
+    mine |= {x for v in spec.args.values() if isinstance(v, list) for x in v if isinstance(x, str)}
     return mine.union(*(filter_columns(child) for child in spec.of))
 
 

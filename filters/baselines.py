@@ -18,7 +18,7 @@ a row failing several rules is counted under the first of them in this order.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -200,6 +200,52 @@ class ClipScore(Filter):
         s = batch.column(self.column).astype(np.float32, copy=False)
         return Verdict.from_rules(len(batch), [("missing_score", ~np.isnan(s)),
                                                ("low_score", s >= np.float32(self._threshold))])
+
+
+@register("score_mean")
+@dataclass
+class ScoreMean(Filter):
+    """Keep rows by the mean of several score columns, each standardised over the pool (mean 0,
+    std 1; a missing score counts as the pool's mean): the equal-weight ensemble of the scores,
+    which is M-FLYT's mixer with every weight 1/k and nothing learned (M-FLYT's null model:
+    docs/results/flyt-ablations.md)."""
+
+    columns: list[str] = field(default_factory=list)
+    threshold: float | None = None  # on the mean of the standardised scores
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        self.columns = [SCORE_COLUMNS.get(c, c) for c in self.columns]
+        if len(set(self.columns)) < 2:
+            raise config.ConfigError(f"score_mean: columns names {self.columns}; give at least two different "
+                                     "score columns (one alone is clip_score)")
+        check_cut(self.threshold, self.fraction, "score_mean")
+
+    def needs(self) -> Needs:
+        return Needs(frozenset(self.columns))
+
+    def fit(self, pool: Pool) -> dict[str, Any]:
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in self.columns}
+        for b in pool.batches(set(self.columns), set(), self.ctx.batch_size):
+            for c in self.columns:
+                parts[c].append(b.column(c).astype(np.float64))
+        total, stats = np.zeros(pool.num_rows), {}
+        for c in self.columns:
+            x = np.concatenate(parts[c]) if parts[c] else np.zeros(0)
+            finite = x[np.isfinite(x)]
+            std = float(finite.std(ddof=1)) if len(finite) > 1 else 0.0
+            if not std > 0:
+                raise FilterError(f"score_mean: column {c} has no spread over the pool ({len(finite)} finite "
+                                  "values): it cannot be standardised")
+            mean = float(finite.mean())
+            total += np.where(np.isfinite(x), (x - mean) / std, 0.0)
+            stats[c] = {"mean": mean, "std": std, "missing": int(len(x) - len(finite))}
+        self._scores = (total / len(self.columns)).astype(np.float32)
+        self._threshold, cut = score_cut(self._scores, self.threshold, self.fraction)
+        return {"columns": stats, **cut}
+
+    def apply(self, batch: Batch) -> Verdict:
+        return score_verdict(batch, self._scores, self._threshold)
 
 
 @register("laion2b")

@@ -9,6 +9,7 @@ import pytest
 from clipsift import config, formats
 from clipsift.compare.config import CompareConfig
 from clipsift.compare.run import Compare
+from clipsift.filters.base import top_fraction_threshold
 from clipsift.runlog import write_json
 
 
@@ -265,9 +266,10 @@ def test_mflyt_inputs_are_computed_once_and_usable_by_filters_and_the_mix(ci_wor
                     "mflyt_columns": columns},
         "strategies": [
             {"name": "negclip_top30", "filter": {"kind": "clip_score", "args": {"column": "negclip_score", "fraction": 0.3}}},
-            {"name": "mflyt_top30", "sample": {"method": "top_fraction", "score": "mflyt_score", "fraction": 0.3}}]})
+            {"name": "mflyt_top30", "sample": {"method": "top_fraction", "score": "mflyt_score", "fraction": 0.3}},
+            {"name": "mean_top30", "filter": {"kind": "score_mean", "args": {"columns": columns, "fraction": 0.3}}}]})
     compare = Compare(cfg, echo=lambda s: None)
-    negclip, mflyt = cfg.strategies
+    negclip, mflyt, mean = cfg.strategies
     kept = formats.read_subset(compare.subset(negclip))
     mixed = formats.read_subset(compare.subset(mflyt, 0))
 
@@ -285,6 +287,14 @@ def test_mflyt_inputs_are_computed_once_and_usable_by_filters_and_the_mix(ci_wor
     assert np.array_equal(column(joined, "uid"), pool)
     cut = np.sort(scores)[::-1][int(0.3 * len(scores))]
     assert np.array_equal(np.sort(kept), np.sort(formats.uids_to_u8u8(list(pool[scores >= cut]))))
+    # the equal-weight mean of the same columns (a list argument): every one joined in, a top 30%
+    joined_all = compare.filter_metadata(mean.filter)
+    z = [(v - v.mean()) / v.std(ddof=1) for v in (column(joined_all, c).astype(np.float64) for c in columns)]
+    averaged = np.mean(z, axis=0).astype(np.float32)
+    top = formats.read_subset(compare.subset(mean))
+    expected = pool[averaged >= top_fraction_threshold(averaged, 0.3)]
+    assert 0.29 * len(pool) < len(top) < 0.31 * len(pool)
+    assert np.array_equal(np.sort(top), np.sort(formats.uids_to_u8u8(list(expected))))
     # M-FLYT mixed exactly those columns and scored the pool
     mix = yaml.safe_load((compare.learned_dir("mflyt", 0) / "config.yaml").read_text())["mixer"]
     assert mix["columns"] == columns
@@ -312,7 +322,10 @@ def test_gpu_preset_runs_every_demo_strategy_and_mixes_every_input():
 
     tiny, gpu = (config.load(CompareConfig, config.preset_path("compare", p)) for p in ("tiny", "gpu"))
     names = [s.name for s in gpu.strategies]
-    assert set(names) - {s.name for s in tiny.strategies} == {"negclip_top30", "dfn_top30", "mflyt_scs_a025_std3"}
+    assert set(names) - {s.name for s in tiny.strategies} == {"negclip_top30", "dfn_top30", "mflyt_scs_a025_std3",
+                                                              "score_mean_top30"}
+    mean = next(s.filter for s in gpu.strategies if s.name == "score_mean_top30")
+    assert set(mean.args["columns"]) == set(gpu.learned.mflyt_columns) - {"flyt_score"}  # M-FLYT's fixed inputs
     paper_scs = [s.sample for s in gpu.strategies if s.sample and s.sample.method == "scs" and not s.sample.logit_std]
     assert sorted(s.alpha for s in paper_scs) == [0.15, 0.25]  # the paper's SCS rows stay beside the deviation
     assert gpu.seeds == [0, 1, 2] and all(s.seeds is None for s in gpu.strategies)  # 3 seeds each

@@ -8,7 +8,7 @@ import pytest
 
 from clipsift import config, formats
 from clipsift.filters import kmeans
-from clipsift.filters.base import Context, FilterError, FilterSpec, build, run_filters
+from clipsift.filters.base import Context, FilterError, FilterSpec, build, run_filters, top_fraction_threshold
 from clipsift.filters.filter_cli import FilterRunConfig, run
 from clipsift.filters.lang import LangConfig, Languages, identifier
 from clipsift.filters.pool import ArrayPool, MetadataPool
@@ -51,6 +51,30 @@ def test_all_and_any_groups_combine_and_attribute_drops():
                         batch_size=64)  # several batches: the kept uids still come out in pool order
     assert (union.keep == (en | hi)).all()
     assert formats.u8u8_to_uids(union.uids) == [u for u, k in zip(pool.columns["uid"], en | hi) if k]
+
+
+def test_score_mean_ranks_by_the_mean_of_standardised_scores_missing_as_the_mean():
+    """Hand-computed: two columns on different scales, one missing value; the top half by the mean
+    of the z-scores, over several batches; a constant column or a single column is refused."""
+    pool = make_pool(n=6)
+    pool.columns["clip_b32_similarity_score"] = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], np.float32)
+    pool.columns["other"] = np.array([10.0, 60.0, np.nan, 20.0, 50.0, 30.0], np.float32)
+    a, b = (np.asarray(pool.columns[c], np.float64) for c in ("clip_b32_similarity_score", "other"))
+    za = (a - a.mean()) / a.std(ddof=1)
+    fb = b[np.isfinite(b)]
+    zb = np.where(np.isfinite(b), (b - fb.mean()) / fb.std(ddof=1), 0.0)
+    expected = (za + zb) / 2  # [-1.25, 0.23, -0.13, -0.20, 0.79, 0.57]
+    res = run_filters(build(spec({"kind": "score_mean", "args": {"columns": ["b32", "other"], "fraction": 0.5}}),
+                            ctx()), pool, batch_size=4)
+    np.testing.assert_allclose(res.scores["score_mean"], expected, rtol=1e-5)
+    cut = top_fraction_threshold(expected.astype(np.float32), 0.5)  # the one top-fraction rule (DataComp's)
+    assert res.keep.tolist() == (expected.astype(np.float32) >= cut).tolist()
+    assert res.keep[[1, 4, 5]].all() and not res.keep[[0, 3]].any()  # row 2 (other missing: z 0) sits at the cut
+    pool.columns["other"] = np.full(6, 3.0, np.float32)
+    with pytest.raises(FilterError, match="other has no spread"):
+        run_filters(build(spec({"kind": "score_mean", "args": {"columns": ["b32", "other"], "fraction": 0.5}}), ctx()), pool)
+    with pytest.raises(config.ConfigError, match="at least two different"):
+        build(spec({"kind": "score_mean", "args": {"columns": ["b32", "clip_b32_similarity_score"], "fraction": 0.5}}), ctx())
 
 
 def test_a_kept_row_with_a_bad_uid_is_named():
