@@ -4,8 +4,8 @@
 
 Reads a finished `clipsift compare` folder: the pipeline's metadata (the CLIP scores), the NormSim,
 FLYT and M-FLYT scores of each scorer seed, and the world's ground truth. For each scorer seed it
-ranks the pool by z(CLIP-B32) + z(CLIP-L14) + z(NormSim) + z(FLYT) (z: standardised over the pool,
-as the mixer's inputs; a missing score counts as the mean) and compares the top 30% with M-FLYT's:
+ranks the pool by the mean of z(CLIP-B32), z(CLIP-L14), z(NormSim), z(FLYT) (the score_mean filter:
+z standardised over the pool, as the mixer's inputs; a missing score counts as the mean) and compares the top 30% with M-FLYT's:
 Jaccard overlap, Spearman correlation of the two rankings, and the share of each planted noise kind
 each keeps. With --subsets, writes each seed's equal-weight top 30% as a DataComp subset
 (ens_seed{S}.npy) to train and evaluate like any other (docs/results/flyt-ablations.md).
@@ -20,6 +20,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from clipsift import config
+from clipsift.filters.base import Context, FilterSpec, build, run_filters
+from clipsift.filters.pool import ArrayPool
 
 INPUTS = ("clip_b32_similarity_score", "clip_l14_similarity_score", "normsim_score", "flyt_score")
 KINDS = ("clean", "junk", "misaligned", "foreign", "off_task", "partial")
@@ -58,18 +62,22 @@ def main() -> None:
     noise[at[at >= 0]] = truth["noise"][at >= 0]
     k = int(round(args.fraction * len(uids)))
 
-    def z(x: np.ndarray) -> np.ndarray:
-        return np.nan_to_num((x - np.nanmean(x)) / np.nanstd(x, ddof=1), nan=0.0)
+    def equal_mean(scores: dict[str, np.ndarray]) -> np.ndarray:
+        """The score_mean filter's score (one implementation of the equal-weight mean)."""
+        pool = ArrayPool({"uid": uids, **scores})
+        tree = build(config.from_dict(FilterSpec, {"kind": "score_mean", "args": {"columns": list(scores), "fraction": 1.0}}),
+                     Context(log=lambda _: None))
+        return run_filters(tree, pool).scores["score_mean"].astype(np.float64)
 
     def kept(sel: np.ndarray) -> dict[str, float]:
         return {kind: round(float((noise[sel] == kind).sum() / (noise == kind).sum()), 3)
                 for kind in KINDS if (noise == kind).any()}
 
-    fixed = z(meta[INPUTS[0]]) + z(meta[INPUTS[1]]) + z(aligned(f"{root}/scores/normsim/scores.parquet", INPUTS[2]))
+    fixed = {**{c: meta[c] for c in INPUTS[:2]}, INPUTS[2]: aligned(f"{root}/scores/normsim/scores.parquet", INPUTS[2])}
     for seed in args.seeds:
         flyt = aligned(f"{root}/scores/flyt/seed{seed}/scores/*.parquet", "flyt_score")
         mflyt = aligned(f"{root}/scores/mflyt/seed{seed}/scores/*.parquet", "mflyt_score")
-        mean = fixed + z(flyt)
+        mean = equal_mean({**fixed, INPUTS[3]: flyt})
         a, b = (np.argsort(-s, kind="stable")[:k] for s in (np.nan_to_num(mflyt, nan=-np.inf), mean))
         jaccard = len(np.intersect1d(a, b)) / len(np.union1d(a, b))
         ranks = [np.argsort(np.argsort(s, kind="stable")) for s in (np.nan_to_num(mflyt, nan=-np.inf), mean)]
