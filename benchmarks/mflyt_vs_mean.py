@@ -22,11 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipsift import config
+from clipsift.compare.report import noise_kept
 from clipsift.filters.base import Context, FilterSpec, build, run_filters
 from clipsift.filters.pool import ArrayPool
+from clipsift.world.generate import load_ground_truth
 
 INPUTS = ("clip_b32_similarity_score", "clip_l14_similarity_score", "normsim_score", "flyt_score")
-KINDS = ("clean", "junk", "misaligned", "foreign", "off_task", "partial")
 
 
 def read(pattern: str, columns: list[str]) -> dict[str, np.ndarray]:
@@ -56,10 +57,13 @@ def main() -> None:
         out[[row[u] for u in t["uid"]]] = t[column]
         return out
 
-    truth = read(f"{args.world or root / 'world'}/pool/ground_truth/*.parquet", ["uid", "noise"])
-    noise = np.full(len(uids), "", dtype=object)
-    at = np.array([row.get(u, -1) for u in truth["uid"]])  # the truth also lists rows the pipeline dropped
-    noise[at[at >= 0]] = truth["noise"][at >= 0]
+    gt = load_ground_truth(args.world or root / "world")
+    gt_uids = np.array(gt.column("uid").to_pylist(), dtype=object)
+
+    def kept(sel: np.ndarray) -> dict[str, float]:
+        """The compare report's noise_kept of the rows `sel`."""
+        return {str(kind): round(v, 3) for kind, v in noise_kept(gt, {"": [np.isin(gt_uids, uids[sel])]})[""].items()}
+
     k = int(round(args.fraction * len(uids)))
 
     def equal_mean(scores: dict[str, np.ndarray]) -> np.ndarray:
@@ -68,10 +72,6 @@ def main() -> None:
         tree = build(config.from_dict(FilterSpec, {"kind": "score_mean", "args": {"columns": list(scores), "fraction": 1.0}}),
                      Context(log=lambda _: None))
         return run_filters(tree, pool).scores["score_mean"].astype(np.float64)
-
-    def kept(sel: np.ndarray) -> dict[str, float]:
-        return {kind: round(float((noise[sel] == kind).sum() / (noise == kind).sum()), 3)
-                for kind in KINDS if (noise == kind).any()}
 
     fixed = {**{c: meta[c] for c in INPUTS[:2]}, INPUTS[2]: aligned(f"{root}/scores/normsim/scores.parquet", INPUTS[2])}
     for seed in args.seeds:

@@ -317,14 +317,11 @@ def hypergradient_step(fmodel: FunctionalCLIP, params: Params, state: AdamWState
     u, t, tau = upstream.embeddings
     du, dt = comm.gather(du), comm.gather(dt)
 
-    def directional(w_: torch.Tensor) -> torch.Tensor:
-        return jvp(lambda a, b, c: up_loss(a, b, c, w_), (u, t, tau), (du, dt, dtau))[1]
-
     with phase("d"):
         if up_loss is weighted_clip_loss:  # a few [B, B] ops instead of torch.func's nested transforms
             d = weighted_clip_loss_jvp_grad(u, t, tau, w, du, dt, dtau)
         else:
-            d = torch.func.grad(directional)(w)
+            d = torch.func.grad(lambda w_: jvp(lambda a, b, c: up_loss(a, b, c, w_), (u, t, tau), (du, dt, dtau))[1])(w)
 
     new_state = AdamWState({k: x.detach() for k, x in exp_avg.items()},
                            {k: x.detach() for k, x in exp_avg_sq.items()}, state.step + 1)
