@@ -179,6 +179,18 @@ def test_a_different_config_in_the_same_folder_is_refused(tmp_path):
         generate_world(_small(tmp_path / "a", pool_size=600), progress=False)
 
 
+def test_a_copied_world_is_the_same_world(tmp_path):
+    import shutil
+
+    a = generate_world(_small(tmp_path / "a"), progress=False)
+    reference = _files(a)
+    shutil.copytree(a, tmp_path / "b")  # e.g. a compare folder copied for an ablation
+    b = generate_world(_small(tmp_path / "b"), progress=False)
+    got = _files(b)
+    assert got.pop("world.yaml") != reference.pop("world.yaml")  # now records its new folder
+    assert got == reference
+
+
 def test_cli_generates_and_reports(tmp_path, capsys):
     from clipsift.cli import main
 

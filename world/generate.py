@@ -391,8 +391,9 @@ def _sum_counts(counts: list[dict[str, int]]) -> dict[str, int]:
 
 
 def _without_runtime(d: dict) -> dict:
-    """Config keys that do not change the output (so a resumed run may change them)."""
-    return {k: v for k, v in d.items() if k not in ("workers",)}
+    """Config keys that do not change the output (so a resumed run may change them; `out` too: a world
+    copied or moved to another folder is the same world)."""
+    return {k: v for k, v in d.items() if k not in ("workers", "out")}
 
 
 def load_ground_truth(world: str | Path) -> pa.Table:
