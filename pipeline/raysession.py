@@ -77,14 +77,15 @@ def plan_stages(rc: RayConfig, cpus: float, gpus: float, use_gpu: bool, tokenise
 
     tokenise_only (image_decode=device): the decode actors only tokenise, ~50 us a caption, so a few
     keep up, and fewer processes importing torch and open_clip at once start the job sooner."""
-    for key in ("model_cpus", "read_cpus", "decode_cpus", "read_tasks", "model_actors", "model_threads", "decode_actors"):
+    for key in ("model_cpus", "read_cpus", "decode_cpus", "read_tasks", "model_actors", "model_threads", "decode_actors",
+                "actors_per_gpu"):
         if getattr(rc, key) < 0:
             raise ResourceError(f"ray.{key}={getattr(rc, key)} must be >= 0")
     if rc.decode_cpus == 0:
         raise ResourceError("ray.decode_cpus must be > 0: decoding is CPU work, and Ray would start a task per image chunk at once")
-    if rc.actors_per_gpu < 1:
-        raise ResourceError(f"ray.actors_per_gpu={rc.actors_per_gpu} must be >= 1")
-    per_gpu = rc.actors_per_gpu
+    # decoding on the device leaves the actor's host side (nvJPEG's CPU part, resizing launches) the
+    # bound: a second actor per GPU overlaps it with the first one's forward
+    per_gpu = rc.actors_per_gpu or (2 if tokenise_only else 1)
     actors = rc.model_actors or (int(gpus) * per_gpu if use_gpu else 1)
     if use_gpu and actors > int(gpus) * per_gpu:
         raise ResourceError(f"ray.model_actors={actors} but the cluster has {gpus:g} GPUs for "

@@ -451,8 +451,9 @@ def test_model_actors_never_take_every_cpu(ray_local):
 
 
 def test_gpu_stage_plan_shares_gpus_between_actors():
-    """A 16-CPU, 2-GPU node: one actor per GPU by default, ray.actors_per_gpu=2 gives four
-    half-GPU actors (each reserving its CPU), and asking for more actors than that is refused."""
+    """A 16-CPU, 2-GPU node: one actor per GPU by default (two when images decode on the device),
+    ray.actors_per_gpu=2 gives four half-GPU actors (each reserving its CPU), and asking for more
+    actors than that is refused."""
     from clipsift.pipeline.raysession import ResourceError, plan_stages
 
     one = plan_stages(RayConfig(), 16, 2, True)
@@ -462,8 +463,12 @@ def test_gpu_stage_plan_shares_gpus_between_actors():
     assert plan_stages(RayConfig(actors_per_gpu=2), 16, 2, False).gpus_per_actor == 0.0  # device=cpu
     with pytest.raises(ResourceError, match="actors_per_gpu"):
         plan_stages(RayConfig(model_actors=5, actors_per_gpu=2), 16, 2, True)
+    on_device = plan_stages(RayConfig(), 16, 2, True, tokenise_only=True)
+    assert (on_device.model_actors, on_device.gpus_per_actor) == (4, 0.5)
+    assert plan_stages(RayConfig(actors_per_gpu=1), 16, 2, True, tokenise_only=True).model_actors == 2
+    assert plan_stages(RayConfig(), 16, 0, False, tokenise_only=True).model_actors == 1  # no GPU: one actor
     with pytest.raises(ResourceError, match="actors_per_gpu"):
-        plan_stages(RayConfig(actors_per_gpu=0), 16, 2, True)
+        plan_stages(RayConfig(actors_per_gpu=-1), 16, 2, True)
 
 
 
