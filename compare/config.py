@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from clipsift.config import Count
 from clipsift.filters.base import FilterSpec
 from clipsift.filters.sample_cli import SampleConfig
 
@@ -79,6 +80,9 @@ class CompareConfig:
     dfn_overrides: list[str] = field(default_factory=list)
     downstream_model: Literal["b32", "l14"] = "l14"  # embeds the task train images (image_based, NormSim)
     only: list[str] = field(default_factory=list)  # run just these strategies (default: all)
+    # Training runs at once, each in its own process (a learned scorer seed's scorers and runs in one).
+    # Pays on a GPU, where a compare-scale step leaves it mostly idle; on a CPU the runs share its cores.
+    workers: Count = 1
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -276,24 +276,28 @@ class Compare:
         path = self.subset_path(strategy, scorer_seed)
         if path.is_file():
             return path
-        kept: np.ndarray | None = None
-        if strategy.filter is not None:
-            from clipsift.filters.filter_cli import DownstreamConfig, FilterRunConfig, run
-
-            ffolder = self.out / "subsets" / strategy.name / "filter"
-            if not (ffolder / "stats.json").is_file():
-                needs_down = _uses(strategy.filter, ("image_based_world", "normsim"))
-                concepts = str(self.world) if _uses(strategy.filter, ("text_based_world",)) else ""
-                down = DownstreamConfig(embeddings=str(self.downstream) if needs_down else "", concepts=concepts)
-                run(FilterRunConfig(metadata=str(self.filter_metadata(strategy.filter)), out=str(ffolder),
-                                    filter=strategy.filter,
-                                    downstream=down), log=self.echo)
-            kept = np.load(ffolder / "subset.npy")
-            if strategy.sample is None:
-                formats.write_subset(path, formats.u8u8_to_uids(kept))
-                return path
-        self._sample(strategy, kept, path, scorer_seed or 0)
+        kept = self.kept(strategy)
+        if strategy.sample is None:
+            formats.write_subset(path, formats.u8u8_to_uids(kept))
+        else:
+            self._sample(strategy, kept, path, scorer_seed or 0)
         return path
+
+    def kept(self, strategy: StrategySpec) -> np.ndarray | None:
+        """The rows (u8,u8 uids) the strategy's filter keeps (cached; shared by its scorer seeds), or
+        None without a filter."""
+        if strategy.filter is None:
+            return None
+        from clipsift.filters.filter_cli import DownstreamConfig, FilterRunConfig, run
+
+        ffolder = self.out / "subsets" / strategy.name / "filter"
+        if not (ffolder / "stats.json").is_file():
+            needs_down = _uses(strategy.filter, ("image_based_world", "normsim"))
+            concepts = str(self.world) if _uses(strategy.filter, ("text_based_world",)) else ""
+            down = DownstreamConfig(embeddings=str(self.downstream) if needs_down else "", concepts=concepts)
+            run(FilterRunConfig(metadata=str(self.filter_metadata(strategy.filter)), out=str(ffolder),
+                                filter=strategy.filter, downstream=down), log=self.echo)
+        return np.load(ffolder / "subset.npy")
 
     def train_config(self, overrides: list[str] = ()) -> Any:
         from clipsift.training.config import TrainConfig
@@ -328,13 +332,16 @@ class Compare:
             "batch_size": cfg.batch_size})
         config.dump(cfg, path.with_name("sample_config.yaml"))
 
+    def run_folder(self, strategy: StrategySpec, seed: int, scorer_seed: int | None) -> Path:
+        name = f"seed{seed}" if scorer_seed is None else f"seed{seed}_scorer{scorer_seed}"
+        return self.out / "runs" / strategy.name / name
+
     def train_and_eval(self, strategy: StrategySpec, seed: int, scorer_seed: int | None = None) -> dict[str, Any]:
         from clipsift.eval.evaluate import evaluate
         from clipsift.eval.models import ModelSpec
         from clipsift.training.loop import train
 
-        name = f"seed{seed}" if scorer_seed is None else f"seed{seed}_scorer{scorer_seed}"
-        run = self.out / "runs" / strategy.name / name
+        run = self.run_folder(strategy, seed, scorer_seed)
         result_path = run / "result.json"
         if result_path.is_file():
             return read_json(result_path)
@@ -359,6 +366,9 @@ class Compare:
         config.dump(self.cfg, self.out / "config.yaml")
         strategies = [s for s in self.cfg.strategies if not self.cfg.only or s.name in self.cfg.only]
         plan = [(s, seed, scorer) for s in strategies for seed, scorer in self.plan(s)]
+        if self.cfg.workers > 1:
+            with self.timer("parallel runs"):
+                self._run_in_workers(plan)
         results = []
         for i, (strategy, seed, scorer) in enumerate(plan):
             which = f"seed {seed}" + ("" if scorer is None else f", scorer seed {scorer}")
@@ -371,6 +381,53 @@ class Compare:
         write_json(self.out / "stats.json", {"timings_s": self.timer.as_dict(), "runs": len(results)})
         write_report(self, strategies, results)
         return results
+
+
+    def _run_in_workers(self, plan: list[tuple[StrategySpec, int, int | None]]) -> None:
+        """Run the plan's unfinished runs in cfg.workers processes. Everything two jobs could share is
+        made here first (world, references, pipeline, every filter's rows, fixed subsets, the mix's
+        fixed inputs); a job is one fixed-subset run, or every run of one scorer seed (its FLYT and
+        M-FLYT scorers, subsets and runs, in plan order), so no two processes write the same file.
+        Each run writes its result.json as in one process; run() then reads them in plan order."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        todo = [(s, seed, sc) for s, seed, sc in plan if not (self.run_folder(s, seed, sc) / "result.json").is_file()]
+        for strategy, _, scorer in todo:
+            if scorer is None:
+                self.subset(strategy)
+            else:
+                self.kept(strategy)  # its filter's rows: every scorer seed's subset samples among them
+        if any(s.sample is not None and s.sample.score == "mflyt_score" for s, _, _ in todo):
+            for column in self.cfg.learned.mflyt_columns:
+                if column in LEARNED and column not in SEEDED_SCORES:
+                    self.score_folder(column)
+        jobs: dict[tuple, list[tuple[str, int, int | None]]] = {}
+        for strategy, seed, scorer in todo:
+            key = ("scorer seed", scorer) if scorer is not None else (strategy.name, seed)
+            jobs.setdefault(key, []).append((strategy.name, seed, scorer))
+        if not jobs:
+            return
+        self.echo(f"[compare] {len(todo)} runs in {len(jobs)} jobs over {self.cfg.workers} worker processes")
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked into a child
+        with ProcessPoolExecutor(min(self.cfg.workers, len(jobs)), mp_context=context) as pool:
+            running = {pool.submit(_run_job, self.cfg, items): key for key, items in jobs.items()}
+            for done, future in enumerate(as_completed(running), 1):
+                future.result()  # a job's error stops the run here, as it would in one process
+                self.echo(f"[compare] job {done}/{len(jobs)} done: {' '.join(map(str, running[future]))}")
+
+
+def _run_job(cfg: CompareConfig, items: list[tuple[str, int, int | None]]) -> None:
+    """A worker process's job: these (strategy, seed, scorer seed) runs, in order."""
+    import multiprocessing
+
+    # A spawned process inherits "spawn" as its start method; the training's DataLoader workers get
+    # the platform's default, as in a process started on its own (their datasets need not pickle).
+    multiprocessing.set_start_method(None, force=True)
+    compare = Compare(replace(cfg, progress=False), echo=lambda _line: None)
+    by_name = {s.name: s for s in cfg.strategies}
+    for name, seed, scorer in items:
+        compare.train_and_eval(by_name[name], seed, scorer)
 
 
 def _uses(spec, kinds: tuple[str, ...]) -> bool:

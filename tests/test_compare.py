@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from clipsift import config, formats
 from clipsift.compare.config import CompareConfig
@@ -242,6 +243,24 @@ def test_compare_end_to_end_on_the_ci_world(ci_world, tmp_path):
     shutil.rmtree(compare.learned_dir("flyt", 0))
     Compare(cfg, echo=lambda s: None).score_folder("flyt_score", 0)
     assert np.array_equal(flyt_scores(0), s0)
+
+    # workers=2: the same runs in two processes (the fixed subsets' runs one job each, the learned
+    # strategy one job per scorer seed, its scorer retrained there) give the same results.
+    parallel = tmp_path / "cmp2"
+    shutil.copytree(tmp_path / "cmp", parallel, ignore=shutil.ignore_patterns("runs", "subsets", "report", "flyt"))
+    lines: list[str] = []
+    cfg2 = config.load(CompareConfig, config.preset_path("compare", "ci"),
+                       [f"out={parallel}", f"world={ci_world}", "progress=false", "workers=2"])
+    results2 = Compare(cfg2, echo=lines.append).run()
+    assert "[compare] 4 runs in 4 jobs over 2 worker processes" in lines, lines
+    def same(r):  # the model's hash covers its checkpoint's config and log (paths, timings) too
+        return {**{k: v for k, v in r.items() if k != "train_seconds"},
+                "summary": {k: v for k, v in r["summary"].items() if k != "model"}}
+
+    assert [same(r) for r in results2] == [same(r) for r in results]
+    weights = [torch.load(out / "runs" / "flyt_scs" / "seed1_scorer1" / "train" / "checkpoints" / "epoch_latest.pt",
+                          weights_only=False)["state_dict"] for out in (tmp_path / "cmp", parallel)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # its scorer retrained in a worker
 
 
 @pytest.mark.slow
