@@ -382,7 +382,6 @@ class Compare:
         write_report(self, strategies, results)
         return results
 
-
     def _run_in_workers(self, plan: list[tuple[StrategySpec, int, int | None]]) -> None:
         """Run the plan's unfinished runs in cfg.workers processes. Everything two jobs could share is
         made here first (world, references, pipeline, every filter's rows, fixed subsets, the mix's
@@ -408,9 +407,10 @@ class Compare:
             jobs.setdefault(key, []).append((strategy.name, seed, scorer))
         if not jobs:
             return
-        self.echo(f"[compare] {len(todo)} runs in {len(jobs)} jobs over {self.cfg.workers} worker processes")
+        workers = min(self.cfg.workers, len(jobs))
+        self.echo(f"[compare] {len(todo)} runs in {len(jobs)} jobs over {workers} worker processes")
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked into a child
-        with ProcessPoolExecutor(min(self.cfg.workers, len(jobs)), mp_context=context) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
             running = {pool.submit(_run_job, self.cfg, items): key for key, items in jobs.items()}
             for done, future in enumerate(as_completed(running), 1):
                 future.result()  # a job's error stops the run here, as it would in one process
