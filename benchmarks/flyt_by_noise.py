@@ -35,6 +35,9 @@ batches, downstream loss clip, 32 examples per task). Variants, each one change 
            to the whole d and say which parameters carry the preference
   init=I   weights from the scorer at its init I (uniform, the preset's: w = 1/B; clip_score;
            random) instead of the preset's init
+  task=T   only downstream task T's term of a per-task mean loss (ce, clip_per_task, mixed; with the
+           same downstream batches): the loss is that mean, so the tasks' d sum to the whole d and
+           say which downstream task asks for the preference
 Per variant, the scorer's first move is read too: the scorer at its init (the preset's or init=I's,
 seeded as the loop seeds it) receives ∇φ J = VJP of softmax(q_φ(Ψ)) with d each batch; summed over the
 batches, its first-order change of score Δs = J_φ s · Δφ on random pool rows, for Δφ = −Σ ∇φ J
@@ -66,7 +69,7 @@ from clipsift import config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "runs" / "compare" / "tiny"
-CHANGES = ("ce", "sgd", "terms", "trained")  # and lr=X, part=P, init=I
+CHANGES = ("ce", "sgd", "terms", "trained")  # and lr=X, part=P, init=I, task=T
 # parts of the reference (world-rn-s / open_clip CLIP parameter names); with logit_scale (whose v is
 # 0: neither downstream loss reads the model's τ) they partition θ
 PARTS = {"visual": lambda k: k.startswith("visual."), "tokens": lambda k: k == "token_embedding.weight",
@@ -81,10 +84,10 @@ def _changes(variant: str) -> list[str]:
     for c in tokens:
         key, _, value = c.partition("=")
         ok = (c in CHANGES or (key == "lr" and _is_float(value)) or (key == "part" and value in PARTS)
-              or (key == "init" and value in INITS))
+              or (key == "init" and value in INITS) or (key == "task" and value))
         if not ok:
             raise ValueError(f"--variants {variant}: unknown change {c!r} (base, {', '.join(CHANGES)}, lr=X, "
-                             f"part={'|'.join(PARTS)}, init={'|'.join(INITS)})")
+                             f"part={'|'.join(PARTS)}, init={'|'.join(INITS)}, task=NAME)")
     return sorted(set(tokens), key=lambda c: (CHANGES.index(c), "") if c in CHANGES else (len(CHANGES), c))
 
 
@@ -279,16 +282,21 @@ def measure(inputs: list[str], args) -> dict:
         negatives = "terms" not in changes
         up_loss = lambda u, t, tau, w: weighted_clip_loss(u, t, tau, w, negatives)  # noqa: E731
         down = downstream(loss)
+        task = _value(changes, "task", None)
+        keep = _task_terms(down, loss, task)
         rho = torch.nn.Parameter(torch.tensor(cfg.downstream.rho_init, device=device))
         ds, kinds, ups, down_losses = [], [], [], []
         for b in range(args.batches):
             images, tokens, kind, feats = upstream(b)
             dbatch = down.batch(b).to(device)
+            if keep is not None:  # the same batch, the loss's other tasks' terms dropped
+                dbatch = fdata.DownBatch(dbatch.images, dbatch.tokens, [dbatch.parts[i] for i in keep[0]])
             scores = scorer(feats)
             w = torch.softmax(scores.detach().float(), 0)  # uniform for the preset's init
 
             def down_loss(p):
-                return fdata.downstream_loss(lambda x, t: fmodel(p, x, t), dbatch, rho, loss)
+                value = fdata.downstream_loss(lambda x, t: fmodel(p, x, t), dbatch, rho, loss)
+                return value if keep is None else value / keep[1]  # that task's share of the mean
 
             res = hypergradient_step(fmodel, params, state, hp, decay, images, tokens, w, down_loss, [rho], project,
                                      amp=amp, up_loss=up_loss, tangent_names=tangent)
@@ -308,6 +316,7 @@ def measure(inputs: list[str], args) -> dict:
             row.update(move.get(k, {}))
         results[name]["scorer_init"] = scfg.scorer.init
         results[name]["part"] = part
+        results[name]["task"] = task
         results[name]["changes"] = changes
         results[name]["inner_lr"] = hp.lr
         results[name]["downstream_loss"] = {"kind": loss, "mean_value": round(float(np.mean(down_losses)), 5)}
@@ -334,6 +343,19 @@ def measure(inputs: list[str], args) -> dict:
                   "torch_threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t_start, 1)},
         "variants": results, "derived": derived,
     }
+
+
+def _task_terms(down, loss: str, task: str | None) -> tuple[list[int], int] | None:
+    """For task=T: the indices of T's part in a downstream batch and how many terms the loss averages."""
+    if task is None:
+        return None
+    if loss not in ("ce", "clip_per_task", "mixed"):
+        raise SystemExit(f"task={task}: downstream loss {loss!r} is not a mean over tasks (use ce, clip_per_task or mixed)")
+    terms = [t for t in down.tasks if loss != "ce" or t.kind == "classification"]
+    names = [t.name for t in terms]
+    if task not in names:
+        raise SystemExit(f"task={task}: not one of this loss's tasks ({', '.join(names)})")
+    return [i for i, t in enumerate(down.tasks) if t.name == task], len(terms)
 
 
 def scorer_move(scorer: torch.nn.Module, g_mean: torch.Tensor, g_sq: torch.Tensor, sample, device) -> dict:
