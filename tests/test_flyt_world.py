@@ -83,6 +83,9 @@ def test_flyt_run_writes_scores_and_stats(flyt_run, inputs):
     for key in ("load_pool", "train", "moment_warmup", "up_grad", "down_grad", "jvp", "d", "score_pool"):
         assert stats["timings"][key] > 0, key
     assert stats["jvp"] == "backward"  # auto on a CPU
+    # The shift task has a train split in the world, but FLYT leaves its group out by default.
+    assert list(stats["downstream_left_out"]) == ["shapes_outline"]
+    assert "left_out_groups" in stats["downstream_left_out"]["shapes_outline"]
     # One score per metadata row, same uids in the same order, and a ranking (uniform init: all equal).
     uids, scores = scores_table(flyt_run / "scores", "flyt_score")
     meta_uids, _ = scores_table(inputs["metadata"], "clip_b32_similarity_score")
@@ -93,15 +96,16 @@ def test_flyt_run_writes_scores_and_stats(flyt_run, inputs):
 def test_flyt_ranks_junk_captions_below_clean_pairs(flyt_run, inputs):
     # The floor: better than chance on junk captions ("IMG_0412", "click here" on on-task images),
     # which FLYT must learn from the downstream signal alone (the scorer starts uniform).
-    # Measured on this world: junk AUC 0.57 with the default CLIP-loss downstream variant (0.61-0.78
-    # over seeds and batch sizes with the earlier "mixed" loss). Off-task pairs are NOT
-    # ranked below clean here (AUC 0.16-0.57): at this scale the one-step objective favours
-    # high-loss pairs the clean-trained reference has not learned (training/flyt/__init__.py).
+    # Measured on this world: junk AUC 0.77 (misaligned 0.73, foreign 0.67) with the shift task left
+    # out of the downstream loss, the default; 0.57 with it in (its term is what rewards junk pairs:
+    # docs/results/flyt-diagnosis.md, section 6). Off-task pairs are NOT ranked below clean here
+    # (AUC 0.32): at this scale the one-step objective favours high-loss pairs the clean-trained
+    # reference has not learned (training/flyt/__init__.py).
     uids, scores = scores_table(flyt_run / "scores", "flyt_score")
     by_kind = {k: round(ground_truth_auc(inputs["world"], uids, scores, [k]), 3)
                for k in ("junk", "off_task", "misaligned", "foreign")}
     print("FLYT AUC clean vs each noise kind", by_kind)
-    assert by_kind["junk"] > 0.55, by_kind
+    assert by_kind["junk"] > 0.65, by_kind
 
 
 def test_noise_auc_is_logged_per_checkpoint_from_the_ground_truth(flyt_run, inputs):
@@ -219,6 +223,8 @@ def test_bad_inputs_are_named_before_any_work(inputs, tmp_path, capsys):
     assert "metadata" in capsys.readouterr().err
     assert cli.main(["flyt", *flyt_args(inputs, tmp_path / "b", "downstream.names=[no_such_task]")]) == 2
     assert "no_such_task" in capsys.readouterr().err
+    assert cli.main(["flyt", *flyt_args(inputs, tmp_path / "d", "downstream.names=[shapes,shapes_outline]")]) == 2
+    assert "shapes_outline" in (err := capsys.readouterr().err) and "left_out_groups" in err
     assert cli.main(["mflyt", "-p", "ci", f"world={inputs['world']}", f"metadata={inputs['metadata']}",
                      f"reference.pretrained={inputs['reference']}", f"out={tmp_path / 'c'}",
                      "mixer.columns=[not_a_column]", *QUICK]) == 2

@@ -32,4 +32,9 @@ upstream loss, which a reference trained only on clean, on-task pairs has not le
 their larger gradients dominate ⟨∇ℓ_i, v⟩; the paper's reference (a web-trained CLIP, 5000
 steps) is not in that regime. At this scale use the CLIP score as an M-FLYT input (it ranks junk
 at 0.98+), and read FLYT's column as a weak, partly inverted signal.
+Later measured (docs/results/flyt-diagnosis.md, section 6): the reward for junk pairs is the
+distribution-shift task's term of the downstream loss, a task the reference is confidently wrong
+on; the other tasks penalise junk. The paper's downstream data hold no shift set (DataComp's are
+test-only), so that group is now left out by default (downstream.left_out_groups): on the ci world
+junk AUC 0.57 -> 0.77.
 """

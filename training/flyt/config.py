@@ -33,6 +33,13 @@ class ReferenceConfig:
 class DownstreamConfig:
     tasks: str = ""  # task list (tasks.yaml); "" = <world>/tasks.yaml
     names: list[str] = field(default_factory=list)  # tasks to use (default: every task in the list)
+    # Task groups FLYT does not learn from. The paper's downstream data are the training splits of
+    # tasks that have one; DataComp's distribution shifts (ImageNet-V2/-Sketch/-R/-A, ObjectNet) are
+    # test sets only, so its objective never sees them. The world gives its shift task a train split
+    # (other filters may use its images); in FLYT's loss that task, on which the reference is
+    # confidently wrong, carries all of the one-step objective's reward for junk pairs
+    # (docs/results/flyt-diagnosis.md, section 6). [] keeps every task.
+    left_out_groups: list[str] = field(default_factory=lambda: ["distribution shift"])
     split: str = "train"  # the split FLYT learns from (never the evaluation split)
     batch_size: Count = 3072  # examples per task and step (global; fewer if the split is smaller)
     rho_init: float = math.log(1 / 0.07)  # ρ: log temperature of the zero-shot heads (learned)

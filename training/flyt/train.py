@@ -136,8 +136,15 @@ def load_downstream(cfg: LoopConfig, ref) -> tuple[list[fdata.TaskData], dict[st
         if unknown:
             raise ValueError(f"downstream.names: {unknown} not in {cfg.downstream.tasks}")
         tasks = [t for t in tasks if t.name in cfg.downstream.names]
-    left_out = {t.name: "loss=ce has no cross-entropy for a retrieval task" for t in tasks
-                if cfg.downstream.loss == "ce" and t.type != "classification"}
+    named_but_left_out = [t.name for t in tasks if t.name in cfg.downstream.names
+                          and t.group in cfg.downstream.left_out_groups]
+    if named_but_left_out:
+        raise ValueError(f"downstream.names: {named_but_left_out} in a group that downstream.left_out_groups "
+                         f"{cfg.downstream.left_out_groups} leaves out; drop one of the two")
+    left_out = {t.name: f"group {t.group!r} is in downstream.left_out_groups (no training split in the paper's "
+                        "setting)" for t in tasks if t.group in cfg.downstream.left_out_groups}
+    left_out |= {t.name: "loss=ce has no cross-entropy for a retrieval task" for t in tasks
+                 if t.name not in left_out and cfg.downstream.loss == "ce" and t.type != "classification"}
     tasks = [t for t in tasks if t.name not in left_out]
     for name, why in left_out.items():
         log.info("downstream task %s left out: %s", name, why)
