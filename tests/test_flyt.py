@@ -119,6 +119,29 @@ def test_used_prompts_only_encodes_fewer_texts_and_gives_the_same_clip_losses(ci
                 float(fdata.downstream_loss(embed, full, rho, loss)), rel=1e-5)
 
 
+def test_downstream_tasks_leave_the_shift_group_out_unless_told(ci_world):
+    """FLYT learns from the tasks the paper could: a distribution-shift task has no training split in
+    DataComp, so its group is left out by default (the world still gives it one), and why is recorded."""
+    from clipsift.training.flyt.config import DownstreamConfig
+    from clipsift.training.flyt.train import downstream_tasks
+
+    tasks_yaml = str(ci_world / "tasks.yaml")
+    names = lambda cfg: [t.name for t in downstream_tasks(cfg)[0]]  # noqa: E731
+    used, left_out = downstream_tasks(DownstreamConfig(tasks=tasks_yaml))
+    assert [t.name for t in used] == ["shapes", "colour_shape", "count", "retrieval"]
+    assert list(left_out) == ["shapes_outline"] and "left_out_groups" in left_out["shapes_outline"]
+    _, left_out = downstream_tasks(DownstreamConfig(tasks=tasks_yaml, loss="ce"))
+    assert sorted(left_out) == ["retrieval", "shapes_outline"]
+    assert names(DownstreamConfig(tasks=tasks_yaml, left_out_groups=[])) == [
+        "shapes", "shapes_outline", "colour_shape", "count", "retrieval"]
+    assert names(DownstreamConfig(tasks=tasks_yaml, names=["shapes_outline"], left_out_groups=[])) == ["shapes_outline"]
+    with pytest.raises(ValueError, match="shapes_outline.*left_out_groups"):
+        downstream_tasks(DownstreamConfig(tasks=tasks_yaml, names=["shapes", "shapes_outline"]))
+    with pytest.raises(ValueError, match="no task left"):
+        downstream_tasks(DownstreamConfig(tasks=tasks_yaml, loss="ce", left_out_groups=["main", "distribution shift",
+                                                                                        "other classification"]))
+
+
 # ---------------------------------------------------------------- AdamW
 def test_functional_adamw_matches_torch_adamw_over_several_steps():
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ from clipsift.training.data import normalize
 from clipsift.training.loop import default_threads, init_distributed, log_to, resolve_device
 from clipsift.training.flyt import data as fdata
 from clipsift.training.flyt.adamw import AdamWHyper, AdamWState, decayed_names
-from clipsift.training.flyt.config import RESUME_FREE_KEYS, FlytConfig, LoopConfig, MFlytConfig
+from clipsift.training.flyt.config import RESUME_FREE_KEYS, DownstreamConfig, FlytConfig, LoopConfig, MFlytConfig
 from clipsift.training.flyt.heads import SCORER_FILE, features_from_inputs
 from clipsift.training.flyt.hypergrad import Comm, FunctionalCLIP, hypergradient_step, scorer_backward, warm_moments
 from clipsift.training.flyt.scorer import GLUScorer, LinearMixer, standardisation, whitening
@@ -125,31 +125,37 @@ def setup_scorer(cfg: LoopConfig) -> ScorerSetup:
     raise TypeError(f"not a FLYT config: {type(cfg).__name__}")
 
 
+def downstream_tasks(cfg: DownstreamConfig) -> tuple[list, dict[str, str]]:
+    """The tasks FLYT's downstream loss uses (eval.tasks.Task, in list order; only `names` if given)
+    and those it leaves out, with why: a group in `left_out_groups`, or a retrieval task under ce."""
+    from clipsift.eval.tasks import load_tasks
+
+    tasks = load_tasks(cfg.tasks)
+    if cfg.names:
+        unknown = sorted(set(cfg.names) - {t.name for t in tasks})
+        if unknown:
+            raise ValueError(f"downstream.names: {unknown} not in {cfg.tasks}")
+        tasks = [t for t in tasks if t.name in cfg.names]
+    named_but_left_out = [t.name for t in tasks if t.name in cfg.names and t.group in cfg.left_out_groups]
+    if named_but_left_out:
+        raise ValueError(f"downstream.names: {named_but_left_out} in a group that downstream.left_out_groups "
+                         f"{cfg.left_out_groups} leaves out; drop one of the two")
+    left_out = {t.name: f"group {t.group!r} is in downstream.left_out_groups (no training split in the paper's "
+                        "setting)" for t in tasks if t.group in cfg.left_out_groups}
+    left_out |= {t.name: "loss=ce has no cross-entropy for a retrieval task" for t in tasks
+                 if t.name not in left_out and cfg.loss == "ce" and t.type != "classification"}
+    tasks = [t for t in tasks if t.name not in left_out]
+    if not tasks:
+        raise ValueError(f"downstream: no task left for loss={cfg.loss} (left out: {left_out})")
+    return tasks, left_out
+
+
 def load_downstream(cfg: LoopConfig, ref) -> tuple[list[fdata.TaskData], dict[str, str]]:
     """The selected downstream tasks' training splits, preprocessed for the reference `ref`
     (eval.models.load_model's result), and the tasks left out for the loss, with why."""
-    from clipsift.eval.tasks import load_tasks
-
-    tasks = load_tasks(cfg.downstream.tasks)
-    if cfg.downstream.names:
-        unknown = sorted(set(cfg.downstream.names) - {t.name for t in tasks})
-        if unknown:
-            raise ValueError(f"downstream.names: {unknown} not in {cfg.downstream.tasks}")
-        tasks = [t for t in tasks if t.name in cfg.downstream.names]
-    named_but_left_out = [t.name for t in tasks if t.name in cfg.downstream.names
-                          and t.group in cfg.downstream.left_out_groups]
-    if named_but_left_out:
-        raise ValueError(f"downstream.names: {named_but_left_out} in a group that downstream.left_out_groups "
-                         f"{cfg.downstream.left_out_groups} leaves out; drop one of the two")
-    left_out = {t.name: f"group {t.group!r} is in downstream.left_out_groups (no training split in the paper's "
-                        "setting)" for t in tasks if t.group in cfg.downstream.left_out_groups}
-    left_out |= {t.name: "loss=ce has no cross-entropy for a retrieval task" for t in tasks
-                 if t.name not in left_out and cfg.downstream.loss == "ce" and t.type != "classification"}
-    tasks = [t for t in tasks if t.name not in left_out]
+    tasks, left_out = downstream_tasks(cfg.downstream)
     for name, why in left_out.items():
         log.info("downstream task %s left out: %s", name, why)
-    if not tasks:
-        raise ValueError(f"downstream: no task left for loss={cfg.downstream.loss} (left out: {left_out})")
     return [fdata.load_task(t, cfg.downstream.split, ref.preprocess, ref.tokenizer) for t in tasks], left_out
 
 
