@@ -44,6 +44,22 @@ LEARNED = {**SEEDED_SCORES, "normsim_score": "normsim", "negclip_score": "negcli
            "clip_dfn_similarity_score": "dfn", "linear_classifier_score": "linear_classifier"}
 
 
+def _check_downstream_default(run: Path, kind: str, cfg) -> None:
+    """A scorer saved before downstream.left_out_groups existed learned from every task; reusing it
+    as if it had the current default (the shift group left out) would be silently wrong."""
+    import yaml
+
+    saved = run / "config.yaml"
+    if not saved.is_file() or not cfg.downstream.left_out_groups:
+        return
+    downstream = (yaml.safe_load(saved.read_text()) or {}).get("downstream") or {}
+    if "left_out_groups" not in downstream:
+        raise config.ConfigError(
+            f"{run}: trained before downstream.left_out_groups existed, on every downstream task; the default now "
+            f"leaves {cfg.downstream.left_out_groups} out: delete {run} to retrain, or keep it by adding "
+            f"\"downstream.left_out_groups=[]\" to learned.{kind}_overrides")
+
+
 class Compare:
     """One compare run: resolves shared inputs lazily, each once."""
 
@@ -229,22 +245,34 @@ class Compare:
 
     def _learned(self, kind: str, scorer_seed: int, overrides: list[str], fill: Callable[[Any], None]) -> Path:
         """Train (or resume) one FLYT-loop scorer with seed scorer_seed and score the pool."""
-        from clipsift.training.flyt.config import FlytConfig, MFlytConfig
         from clipsift.training.flyt.train import run
 
         out = self.learned_dir(kind, scorer_seed)
         if not (out / "stats.json").is_file() or not read_json(out / "stats.json").get("scored"):
-            preset = getattr(self.cfg.learned, f"{kind}_preset")
-            cfg = config.load({"flyt": FlytConfig, "mflyt": MFlytConfig}[kind], config.preset_path(kind, preset),
-                              [f"world={self.world}", f"metadata={self.metadata}", f"out={out}", "resume=latest",
-                               f"decode_cache={self.out / 'decoded'}",
-                               f"progress={str(self.cfg.progress).lower()}", *overrides,
-                               f"seed={scorer_seed}"])  # last: the scorer seed is compare's to set
+            cfg = self.loop_config(kind, [f"world={self.world}", f"metadata={self.metadata}", f"out={out}",
+                                          "resume=latest", f"decode_cache={self.out / 'decoded'}",
+                                          f"progress={str(self.cfg.progress).lower()}", *overrides,
+                                          f"seed={scorer_seed}"])  # last: the scorer seed is compare's to set
             fill(cfg)
             # the world's b32 stand-in, unless the overrides name another reference
             cfg.reference.pretrained = cfg.reference.pretrained or str(self.references["b32"].checkpoint)
             run(cfg)
         return out / "scores"
+
+    def loop_config(self, kind: str, overrides: list[str]):
+        """The FLYT (kind flyt) or M-FLYT (mflyt) loop config: compare's preset for it plus overrides."""
+        from clipsift.training.flyt.config import FlytConfig, MFlytConfig
+
+        preset = getattr(self.cfg.learned, f"{kind}_preset")
+        return config.load({"flyt": FlytConfig, "mflyt": MFlytConfig}[kind], config.preset_path(kind, preset), overrides)
+
+    def _check_learned_runs(self, plan: list[tuple[StrategySpec, int, int | None]]) -> None:
+        """Before reusing anything of the plan's scorer seeds: no scorer saved before the current
+        FLYT downstream default (see _check_downstream_default)."""
+        for scorer_seed in sorted({s for _, _, s in plan if s is not None}):
+            for kind in ("flyt", "mflyt"):
+                overrides = list(getattr(self.cfg.learned, f"{kind}_overrides"))
+                _check_downstream_default(self.learned_dir(kind, scorer_seed), kind, self.loop_config(kind, overrides))
 
     def _flyt(self, scorer_seed: int) -> Path:
         return self._learned("flyt", scorer_seed, self.cfg.learned.flyt_overrides, lambda cfg: None)
@@ -366,6 +394,7 @@ class Compare:
         config.dump(self.cfg, self.out / "config.yaml")
         strategies = [s for s in self.cfg.strategies if not self.cfg.only or s.name in self.cfg.only]
         plan = [(s, seed, scorer) for s in strategies for seed, scorer in self.plan(s)]
+        self._check_learned_runs(plan)
         if self.cfg.workers > 1:
             with self.timer("parallel runs"):
                 self._run_in_workers(plan)

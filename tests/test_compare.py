@@ -263,6 +263,17 @@ def test_compare_end_to_end_on_the_ci_world(ci_world, tmp_path):
                           weights_only=False)["state_dict"] for out in (tmp_path / "cmp", parallel)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # its scorer retrained in a worker
 
+    # A scorer saved before downstream.left_out_groups existed (every task in its loss) is refused
+    # with what to do, not reused as if it had the current default.
+    import yaml
+
+    saved = parallel / "scores" / "flyt" / "seed1" / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["downstream"]["left_out_groups"]
+    saved.write_text(yaml.safe_dump(old))
+    with pytest.raises(config.ConfigError, match="seed1: trained before downstream.left_out_groups existed"):
+        Compare(cfg2, echo=lines.append).run()
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # two tiny reference CLIPs, the DFN fine-tune, three embeds and a 4-step M-FLYT on 2 cores
