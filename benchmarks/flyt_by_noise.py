@@ -351,11 +351,10 @@ def _task_terms(down, loss: str, task: str | None) -> tuple[list[int], int] | No
         return None
     if loss not in ("ce", "clip_per_task", "mixed"):
         raise SystemExit(f"task={task}: downstream loss {loss!r} is not a mean over tasks (use ce, clip_per_task or mixed)")
-    terms = [t for t in down.tasks if loss != "ce" or t.kind == "classification"]
-    names = [t.name for t in terms]
+    names = [t.name for t in down.tasks]  # the loss's tasks (train.downstream_tasks chose them)
     if task not in names:
         raise SystemExit(f"task={task}: not one of this loss's tasks ({', '.join(names)})")
-    return [i for i, t in enumerate(down.tasks) if t.name == task], len(terms)
+    return [names.index(task)], len(names)
 
 
 def scorer_move(scorer: torch.nn.Module, g_mean: torch.Tensor, g_sq: torch.Tensor, sample, device) -> dict:

@@ -44,20 +44,23 @@ LEARNED = {**SEEDED_SCORES, "normsim_score": "normsim", "negclip_score": "negcli
            "clip_dfn_similarity_score": "dfn", "linear_classifier_score": "linear_classifier"}
 
 
-def _check_downstream_default(run: Path, kind: str, cfg) -> None:
-    """A scorer saved before downstream.left_out_groups existed learned from every task; reusing it
-    as if it had the current default (the shift group left out) would be silently wrong."""
+def _check_saved_scorer(run: Path, kind: str, cfg) -> None:
+    """A scorer saved before a key of EARLIER_DEFAULTS existed ran with that key's earlier value;
+    reusing it as if it had a different current value would be silently wrong."""
     import yaml
 
+    from clipsift.training.config import flat_config
+    from clipsift.training.flyt.config import EARLIER_DEFAULTS
+
     saved = run / "config.yaml"
-    if not saved.is_file() or not cfg.downstream.left_out_groups:
+    if not saved.is_file():
         return
-    downstream = (yaml.safe_load(saved.read_text()) or {}).get("downstream") or {}
-    if "left_out_groups" not in downstream:
-        raise config.ConfigError(
-            f"{run}: trained before downstream.left_out_groups existed, on every downstream task; the default now "
-            f"leaves {cfg.downstream.left_out_groups} out: delete {run} to retrain, or keep it by adding "
-            f"\"downstream.left_out_groups=[]\" to learned.{kind}_overrides")
+    before, now = flat_config(yaml.safe_load(saved.read_text()) or {}), flat_config(config.to_dict(cfg))
+    for key, earlier in EARLIER_DEFAULTS.items():
+        if key not in before and now[key] != earlier:
+            raise config.ConfigError(
+                f"{run}: trained before {key} existed (as with {key}={earlier}; now {now[key]}): delete {run} to "
+                f"retrain, or keep it by adding \"{key}={earlier}\" to learned.{kind}_overrides")
 
 
 class Compare:
@@ -267,12 +270,13 @@ class Compare:
         return config.load({"flyt": FlytConfig, "mflyt": MFlytConfig}[kind], config.preset_path(kind, preset), overrides)
 
     def _check_learned_runs(self, plan: list[tuple[StrategySpec, int, int | None]]) -> None:
-        """Before reusing anything of the plan's scorer seeds: no scorer saved before the current
-        FLYT downstream default (see _check_downstream_default)."""
-        for scorer_seed in sorted({s for _, _, s in plan if s is not None}):
-            for kind in ("flyt", "mflyt"):
-                overrides = list(getattr(self.cfg.learned, f"{kind}_overrides"))
-                _check_downstream_default(self.learned_dir(kind, scorer_seed), kind, self.loop_config(kind, overrides))
+        """Before reusing anything of the plan's scorer seeds: no scorer saved before a default it
+        ran without changed (see _check_saved_scorer)."""
+        seeds = sorted({s for _, _, s in plan if s is not None})
+        for kind in ("flyt", "mflyt") if seeds else ():
+            cfg = self.loop_config(kind, list(getattr(self.cfg.learned, f"{kind}_overrides")))
+            for scorer_seed in seeds:
+                _check_saved_scorer(self.learned_dir(kind, scorer_seed), kind, cfg)
 
     def _flyt(self, scorer_seed: int) -> Path:
         return self._learned("flyt", scorer_seed, self.cfg.learned.flyt_overrides, lambda cfg: None)

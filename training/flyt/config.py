@@ -152,3 +152,6 @@ class MFlytConfig(LoopConfig):
 # Keys that may differ between a run and its resumption (they do not change the result).
 RESUME_FREE_KEYS = frozenset({"out", "resume", "stop_after_steps", "checkpoint_every", "log_every", "progress",
                               "threads", "device", "workers", "decode_cache", "score_pool", "noise_auc", "jvp"})
+# Keys added with a default that changes what is learned, and the value a run saved before the key
+# existed ran with: such a run is not one at the current default (compare refuses to reuse it).
+EARLIER_DEFAULTS = {"downstream.left_out_groups": []}

@@ -136,7 +136,7 @@ def downstream_tasks(cfg: DownstreamConfig) -> tuple[list, dict[str, str]]:
         if unknown:
             raise ValueError(f"downstream.names: {unknown} not in {cfg.tasks}")
         tasks = [t for t in tasks if t.name in cfg.names]
-    named_but_left_out = [t.name for t in tasks if t.name in cfg.names and t.group in cfg.left_out_groups]
+    named_but_left_out = [t.name for t in tasks if t.group in cfg.left_out_groups] if cfg.names else []
     if named_but_left_out:
         raise ValueError(f"downstream.names: {named_but_left_out} in a group that downstream.left_out_groups "
                          f"{cfg.left_out_groups} leaves out; drop one of the two")
